@@ -1,0 +1,52 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// libtorch comes from .deps/libtorch (scripts/setup.sh). Absolute paths so that the
+// flags work whatever directory SwiftPM runs the compiler and linker from.
+let root = Context.packageDirectory
+let libtorch = "\(root)/.deps/libtorch"
+
+let package = Package(
+    name: "ttrv",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "ttrv", targets: ["ttrv"]),
+        .library(name: "Torch", targets: ["Torch"]),
+        .library(name: "Models", targets: ["Models"]),
+        .library(name: "TTRV", targets: ["TTRV"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .target(
+            name: "CTorch",
+            cxxSettings: [
+                .unsafeFlags([
+                    "-I\(libtorch)/include", "-I\(libtorch)/include/torch/csrc/api/include",
+                    "-std=c++17", "-O2", "-D_GLIBCXX_USE_CXX11_ABI=1", "-w",
+                ]),
+            ],
+            linkerSettings: [
+                .linkedLibrary("m"),
+                .unsafeFlags([
+                    "-L\(libtorch)/lib", "-ltorch_cpu", "-lc10",
+                    "-Xlinker", "-rpath", "-Xlinker", "\(libtorch)/lib",
+                ]),
+            ]
+        ),
+        .target(name: "Torch", dependencies: ["CTorch"]),
+        .systemLibrary(name: "CPNG", path: "Sources/CPNG"),
+        .systemLibrary(name: "CJPEG", path: "Sources/CJPEG"),
+        .target(name: "Models", dependencies: ["Torch", "CPNG", "CJPEG"]),
+        .target(name: "TTRV", dependencies: ["Models"]),
+        .executableTarget(
+            name: "ttrv",
+            dependencies: ["TTRV", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .testTarget(name: "TorchTests", dependencies: ["Torch"], exclude: []),
+        .testTarget(name: "ModelsTests", dependencies: ["Models"]),
+        .testTarget(name: "TTRVTests", dependencies: ["TTRV"]),
+    ],
+    cxxLanguageStandard: .cxx17
+)
