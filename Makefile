@@ -1,0 +1,34 @@
+# `make test` and `make demo` set up on first use (and again when scripts/setup.sh changes).
+SWIFT ?= swift
+STAMP := .deps/.stamp
+RELEASE := .build/release/ttrv
+
+.PHONY: setup test demo bench build release clean-deps
+
+$(STAMP): scripts/setup.sh
+	bash scripts/setup.sh
+
+setup:
+	bash scripts/setup.sh
+
+build: $(STAMP)
+	$(SWIFT) build
+
+release: $(STAMP)
+	$(SWIFT) build -c release --product ttrv
+
+test: $(STAMP)
+	$(SWIFT) build --build-tests
+	$(SWIFT) test
+
+demo: release
+	$(RELEASE) demo
+
+# Speed and memory benchmarks (release build); writes bench-results.json. Set PEER_PYTHON
+# (e.g. PEER_PYTHON=$$(bash ../shared/bench/setup-peer.sh | tail -1)) to measure the Python
+# reference in the same run.
+bench: release
+	$(RELEASE) bench --json bench-results.json
+
+clean-deps:
+	rm -rf .deps

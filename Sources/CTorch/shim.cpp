@@ -1,0 +1,414 @@
+// extern "C" shim over ATen. Every entry point catches C++ exceptions (libtorch reports
+// shape errors and the like by throwing) and turns them into a thread-local message.
+#include "ctorch.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/Generator.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+struct tt_tensor_s { at::Tensor t; };
+struct tt_generator_s { at::Generator g; };
+
+static thread_local std::string g_error;
+
+#define TRY_HANDLE(...)                                              \
+  try { return wrap(__VA_ARGS__); }                                         \
+  catch (const c10::Error &e) { g_error = e.what_without_backtrace(); } \
+  catch (const std::exception &e) { g_error = e.what(); }            \
+  catch (...) { g_error = "unknown C++ exception"; }                 \
+  return nullptr;
+
+#define TRY_STATUS(...)                                              \
+  try { __VA_ARGS__; return 0; }                                            \
+  catch (const c10::Error &e) { g_error = e.what_without_backtrace(); } \
+  catch (const std::exception &e) { g_error = e.what(); }            \
+  catch (...) { g_error = "unknown C++ exception"; }                 \
+  return 1;
+
+static tt_tensor wrap(at::Tensor t) { return new tt_tensor_s{std::move(t)}; }
+static const at::Tensor &T(tt_tensor h) { return h->t; }
+static c10::optional<at::Tensor> opt(tt_tensor h) {
+  return h ? c10::optional<at::Tensor>(h->t) : c10::nullopt;
+}
+static at::IntArrayRef dims(const int64_t *p, int n) { return at::IntArrayRef(p, (size_t)n); }
+
+static at::ScalarType stype(int d) {
+  switch (d) {
+  case TT_F32: return at::kFloat;
+  case TT_F64: return at::kDouble;
+  case TT_F16: return at::kHalf;
+  case TT_BF16: return at::kBFloat16;
+  case TT_I64: return at::kLong;
+  case TT_I32: return at::kInt;
+  case TT_BOOL: return at::kBool;
+  case TT_U8: return at::kByte;
+  case TT_I8: return at::kChar;
+  case TT_I16: return at::kShort;
+  }
+  throw std::invalid_argument("unknown dtype code " + std::to_string(d));
+}
+static int dcode(at::ScalarType s) {
+  switch (s) {
+  case at::kFloat: return TT_F32;
+  case at::kDouble: return TT_F64;
+  case at::kHalf: return TT_F16;
+  case at::kBFloat16: return TT_BF16;
+  case at::kLong: return TT_I64;
+  case at::kInt: return TT_I32;
+  case at::kBool: return TT_BOOL;
+  case at::kByte: return TT_U8;
+  case at::kChar: return TT_I8;
+  case at::kShort: return TT_I16;
+  default: return -1;
+  }
+}
+static at::Device dev(int d, int idx) {
+  return d == TT_CUDA ? at::Device(at::kCUDA, (c10::DeviceIndex)idx) : at::Device(at::kCPU);
+}
+static at::TensorOptions opts(int dtype, int device, int index) {
+  return at::TensorOptions().dtype(stype(dtype)).device(dev(device, index));
+}
+static c10::optional<at::Generator> gen(tt_generator g) {
+  return g ? c10::optional<at::Generator>(g->g) : c10::nullopt;
+}
+
+extern "C" {
+
+const char *tt_last_error(void) { return g_error.c_str(); }
+void tt_free(tt_tensor t) { delete t; }
+tt_tensor tt_clone_handle(tt_tensor t) { TRY_HANDLE(T(t)) }
+
+void tt_set_num_threads(int n) { at::set_num_threads(n); }
+int tt_get_num_threads(void) { return at::get_num_threads(); }
+void tt_manual_seed(uint64_t seed) { at::manual_seed(seed); }
+int tt_cuda_is_available(void) { return at::hasCUDA() ? 1 : 0; }
+tt_generator tt_generator_new(uint64_t seed) {
+  try { return new tt_generator_s{at::make_generator<at::CPUGeneratorImpl>(seed)}; }
+  catch (const std::exception &e) { g_error = e.what(); return nullptr; }
+}
+void tt_generator_free(tt_generator g) { delete g; }
+int tt_set_grad_enabled(int enabled) {
+  bool prev = c10::GradMode::is_enabled();
+  c10::GradMode::set_enabled(enabled != 0);
+  return prev ? 1 : 0;
+}
+int tt_is_grad_enabled(void) { return c10::GradMode::is_enabled() ? 1 : 0; }
+
+// creation
+tt_tensor tt_from_data(const void *data, const int64_t *shape, int ndim, int dtype) {
+  TRY_HANDLE(at::from_blob(const_cast<void *>(data), dims(shape, ndim), opts(dtype, TT_CPU, 0)).clone())
+}
+tt_tensor tt_empty(const int64_t *shape, int ndim, int dtype, int device, int index) {
+  TRY_HANDLE(at::empty(dims(shape, ndim), opts(dtype, device, index)))
+}
+tt_tensor tt_full(const int64_t *shape, int ndim, double value, int dtype, int device, int index) {
+  TRY_HANDLE(at::full(dims(shape, ndim), value, opts(dtype, device, index)))
+}
+tt_tensor tt_arange(double start, double end, double step, int dtype, int device, int index) {
+  TRY_HANDLE(at::arange(start, end, step, opts(dtype, device, index)))
+}
+tt_tensor tt_randn(const int64_t *shape, int ndim, int dtype, tt_generator g) {
+  TRY_HANDLE(at::randn(dims(shape, ndim), gen(g), opts(dtype, TT_CPU, 0)))
+}
+tt_tensor tt_rand(const int64_t *shape, int ndim, int dtype, tt_generator g) {
+  TRY_HANDLE(at::rand(dims(shape, ndim), gen(g), opts(dtype, TT_CPU, 0)))
+}
+tt_tensor tt_scalar_tensor(double value, int dtype) {
+  TRY_HANDLE(at::scalar_tensor(value, opts(dtype, TT_CPU, 0)))
+}
+
+// properties (cannot fail for a valid handle)
+int tt_ndim(tt_tensor t) { return (int)T(t).dim(); }
+void tt_shape(tt_tensor t, int64_t *out) {
+  auto s = T(t).sizes();
+  for (size_t i = 0; i < s.size(); i++) out[i] = s[i];
+}
+void tt_strides(tt_tensor t, int64_t *out) {
+  auto s = T(t).strides();
+  for (size_t i = 0; i < s.size(); i++) out[i] = s[i];
+}
+int tt_dtype(tt_tensor t) { return dcode(T(t).scalar_type()); }
+int tt_device(tt_tensor t, int *index) {
+  auto d = T(t).device();
+  if (index) *index = d.has_index() ? d.index() : 0;
+  return d.is_cuda() ? TT_CUDA : TT_CPU;
+}
+int64_t tt_numel(tt_tensor t) { return T(t).numel(); }
+int tt_is_contiguous(tt_tensor t) { return T(t).is_contiguous() ? 1 : 0; }
+int tt_copy_out(tt_tensor t, void *dst, size_t nbytes) {
+  TRY_STATUS({
+    at::Tensor c = T(t).detach().to(at::kCPU).contiguous();
+    size_t need = (size_t)c.numel() * c.element_size();
+    if (need != nbytes) throw std::invalid_argument("copy_out: buffer has " + std::to_string(nbytes) +
+                                                    " bytes, tensor needs " + std::to_string(need));
+    if (need) memcpy(dst, c.data_ptr(), need);
+  })
+}
+int tt_item(tt_tensor t, double *out) { TRY_STATUS(*out = T(t).item<double>()) }
+
+// elementwise
+static at::Tensor unary(const at::Tensor &x, int op) {
+  switch (op) {
+  case TT_NEG: return at::neg(x);
+  case TT_EXP: return at::exp(x);
+  case TT_LOG: return at::log(x);
+  case TT_SQRT: return at::sqrt(x);
+  case TT_RSQRT: return at::rsqrt(x);
+  case TT_ABS: return at::abs(x);
+  case TT_SIN: return at::sin(x);
+  case TT_COS: return at::cos(x);
+  case TT_TANH: return at::tanh(x);
+  case TT_SIGMOID: return at::sigmoid(x);
+  case TT_RELU: return at::relu(x);
+  case TT_RELU6: return at::hardtanh(x, 0.0, 6.0);
+  case TT_SILU: return at::silu(x);
+  case TT_GELU: return at::gelu(x, "none");
+  case TT_GELU_TANH: return at::gelu(x, "tanh");
+  case TT_FLOOR: return at::floor(x);
+  case TT_CEIL: return at::ceil(x);
+  case TT_ROUND: return at::round(x);
+  case TT_SIGN: return at::sign(x);
+  case TT_RECIPROCAL: return at::reciprocal(x);
+  case TT_SQUARE: return at::square(x);
+  case TT_LOGICAL_NOT: return at::logical_not(x);
+  case TT_ISFINITE: return at::isfinite(x);
+  case TT_ISNAN: return at::isnan(x);
+  case TT_LOG1P: return at::log1p(x);
+  case TT_EXPM1: return at::expm1(x);
+  case TT_ERF: return at::erf(x);
+  }
+  throw std::invalid_argument("unknown unary op " + std::to_string(op));
+}
+static at::Tensor binary(const at::Tensor &a, const at::Tensor &b, int op) {
+  switch (op) {
+  case TT_ADD: return at::add(a, b);
+  case TT_SUB: return at::sub(a, b);
+  case TT_MUL: return at::mul(a, b);
+  case TT_DIV: return at::div(a, b);
+  case TT_POW: return at::pow(a, b);
+  case TT_MAXIMUM: return at::maximum(a, b);
+  case TT_MINIMUM: return at::minimum(a, b);
+  case TT_EQ: return at::eq(a, b);
+  case TT_NE: return at::ne(a, b);
+  case TT_LT: return at::lt(a, b);
+  case TT_LE: return at::le(a, b);
+  case TT_GT: return at::gt(a, b);
+  case TT_GE: return at::ge(a, b);
+  case TT_AND: return at::logical_and(a, b);
+  case TT_OR: return at::logical_or(a, b);
+  case TT_REMAINDER: return at::remainder(a, b);
+  }
+  throw std::invalid_argument("unknown binary op " + std::to_string(op));
+}
+static at::Tensor binary_scalar(const at::Tensor &a, const at::Scalar &s, int op) {
+  switch (op) {
+  case TT_ADD: return at::add(a, s);
+  case TT_SUB: return at::sub(a, s);
+  case TT_MUL: return at::mul(a, s);
+  case TT_DIV: return at::div(a, s);
+  case TT_POW: return at::pow(a, s);
+  case TT_EQ: return at::eq(a, s);
+  case TT_NE: return at::ne(a, s);
+  case TT_LT: return at::lt(a, s);
+  case TT_LE: return at::le(a, s);
+  case TT_GT: return at::gt(a, s);
+  case TT_GE: return at::ge(a, s);
+  case TT_REMAINDER: return at::remainder(a, s);
+  default: return binary(a, at::scalar_tensor(s, a.options()), op);
+  }
+}
+tt_tensor tt_unary(tt_tensor t, int op) { TRY_HANDLE(unary(T(t), op)) }
+tt_tensor tt_binary(tt_tensor a, tt_tensor b, int op) { TRY_HANDLE(binary(T(a), T(b), op)) }
+tt_tensor tt_binary_scalar(tt_tensor a, double s, int op) { TRY_HANDLE(binary_scalar(T(a), s, op)) }
+tt_tensor tt_rbinary_scalar(double s, tt_tensor a, int op) {
+  TRY_HANDLE(binary(at::scalar_tensor(s, T(a).options()), T(a), op))
+}
+tt_tensor tt_where(tt_tensor c, tt_tensor a, tt_tensor b) { TRY_HANDLE(at::where(T(c), T(a), T(b))) }
+tt_tensor tt_clamp(tt_tensor t, double lo, double hi, int has_lo, int has_hi) {
+  TRY_HANDLE(at::clamp(T(t), has_lo ? c10::optional<at::Scalar>(lo) : c10::nullopt,
+                       has_hi ? c10::optional<at::Scalar>(hi) : c10::nullopt))
+}
+tt_tensor tt_to(tt_tensor t, int dtype, int device, int index) {
+  TRY_HANDLE(T(t).to(dev(device, index), stype(dtype)))
+}
+
+// reductions
+static at::Tensor reduce(const at::Tensor &x, int op, at::IntArrayRef d, bool keep, int64_t correction) {
+  bool all = d.empty();
+  switch (op) {
+  case TT_SUM: return all && !keep ? at::sum(x) : at::sum(x, d, keep);
+  case TT_MEAN: return all && !keep ? at::mean(x) : at::mean(x, d, keep);
+  case TT_AMAX: return at::amax(x, d, keep);
+  case TT_AMIN: return at::amin(x, d, keep);
+  case TT_LOGSUMEXP: {
+    if (all) return at::logsumexp(x.reshape({-1}), {0}, false);
+    return at::logsumexp(x, d, keep);
+  }
+  case TT_PROD: {
+    if (all) return at::prod(x);
+    if (d.size() != 1) throw std::invalid_argument("prod reduces one dim at a time");
+    return at::prod(x, d[0], keep);
+  }
+  case TT_VAR: return at::var(x, all ? at::OptionalIntArrayRef() : d, at::Scalar(correction), keep);
+  case TT_STD: return at::std(x, all ? at::OptionalIntArrayRef() : d, at::Scalar(correction), keep);
+  case TT_NORM: return all && !keep ? at::norm(x) : at::norm(x, 2, d, keep);
+  }
+  throw std::invalid_argument("unknown reduction " + std::to_string(op));
+}
+tt_tensor tt_reduce(tt_tensor t, int op, const int64_t *d, int nd, int keepdim, int correction) {
+  TRY_HANDLE(reduce(T(t), op, dims(d, nd), keepdim != 0, correction))
+}
+tt_tensor tt_argmax(tt_tensor t, int64_t dim, int keepdim) { TRY_HANDLE(at::argmax(T(t), dim, keepdim != 0)) }
+tt_tensor tt_argmin(tt_tensor t, int64_t dim, int keepdim) { TRY_HANDLE(at::argmin(T(t), dim, keepdim != 0)) }
+int tt_max_dim(tt_tensor t, int64_t dim, int keepdim, tt_tensor *values, tt_tensor *indices) {
+  TRY_STATUS({
+    auto r = at::max(T(t), dim, keepdim != 0);
+    *values = wrap(std::get<0>(r));
+    *indices = wrap(std::get<1>(r));
+  })
+}
+
+// linear algebra / nn
+tt_tensor tt_matmul(tt_tensor a, tt_tensor b) { TRY_HANDLE(at::matmul(T(a), T(b))) }
+tt_tensor tt_bmm(tt_tensor a, tt_tensor b) { TRY_HANDLE(at::bmm(T(a), T(b))) }
+tt_tensor tt_linear(tt_tensor x, tt_tensor w, tt_tensor b) { TRY_HANDLE(at::linear(T(x), T(w), opt(b))) }
+tt_tensor tt_embedding(tt_tensor w, tt_tensor idx) { TRY_HANDLE(at::embedding(T(w), T(idx))) }
+tt_tensor tt_softmax(tt_tensor t, int64_t dim) { TRY_HANDLE(at::softmax(T(t), dim)) }
+tt_tensor tt_log_softmax(tt_tensor t, int64_t dim) { TRY_HANDLE(at::log_softmax(T(t), dim)) }
+tt_tensor tt_sdpa(tt_tensor q, tt_tensor k, tt_tensor v, tt_tensor mask, int is_causal, double scale,
+                  int enable_gqa) {
+  TRY_HANDLE(at::scaled_dot_product_attention(T(q), T(k), T(v), opt(mask), 0.0, is_causal != 0,
+                                              scale > 0 ? c10::optional<double>(scale) : c10::nullopt,
+                                              enable_gqa != 0))
+}
+tt_tensor tt_conv2d(tt_tensor x, tt_tensor w, tt_tensor b, const int64_t *stride, const int64_t *padding,
+                    const int64_t *dilation, int64_t groups) {
+  TRY_HANDLE(at::conv2d(T(x), T(w), opt(b), dims(stride, 2), dims(padding, 2), dims(dilation, 2), groups))
+}
+tt_tensor tt_batch_norm(tt_tensor x, tt_tensor w, tt_tensor b, tt_tensor mean, tt_tensor var, double eps) {
+  TRY_HANDLE(at::batch_norm(T(x), opt(w), opt(b), opt(mean), opt(var), false, 0.0, eps, false))
+}
+tt_tensor tt_layer_norm(tt_tensor x, const int64_t *shape, int nd, tt_tensor w, tt_tensor b, double eps) {
+  TRY_HANDLE(at::layer_norm(T(x), dims(shape, nd), opt(w), opt(b), eps))
+}
+tt_tensor tt_rms_norm(tt_tensor x, const int64_t *shape, int nd, tt_tensor w, double eps) {
+  TRY_HANDLE(at::rms_norm(T(x), dims(shape, nd), opt(w), eps))
+}
+tt_tensor tt_cross_entropy(tt_tensor logits, tt_tensor target, int64_t ignore_index, int reduction) {
+  TRY_HANDLE(at::cross_entropy_loss(T(logits), T(target), c10::nullopt, reduction, ignore_index, 0.0))
+}
+tt_tensor tt_nll_loss(tt_tensor logp, tt_tensor target, int64_t ignore_index, int reduction) {
+  TRY_HANDLE(at::nll_loss(T(logp), T(target), c10::nullopt, reduction, ignore_index))
+}
+tt_tensor tt_multinomial(tt_tensor probs, int64_t n, int replacement, tt_generator g) {
+  TRY_HANDLE(at::multinomial(T(probs), n, replacement != 0, gen(g)))
+}
+int tt_topk(tt_tensor t, int64_t k, int64_t dim, int largest, tt_tensor *values, tt_tensor *indices) {
+  TRY_STATUS({
+    auto r = at::topk(T(t), k, dim, largest != 0, true);
+    *values = wrap(std::get<0>(r));
+    *indices = wrap(std::get<1>(r));
+  })
+}
+int tt_sort(tt_tensor t, int64_t dim, int descending, tt_tensor *values, tt_tensor *indices) {
+  TRY_STATUS({
+    auto r = at::sort(T(t), /*stable=*/true, dim, descending != 0);
+    *values = wrap(std::get<0>(r));
+    *indices = wrap(std::get<1>(r));
+  })
+}
+tt_tensor tt_cumsum(tt_tensor t, int64_t dim) { TRY_HANDLE(at::cumsum(T(t), dim)) }
+tt_tensor tt_pad(tt_tensor t, const int64_t *pad, int npad, double value) {
+  TRY_HANDLE(at::constant_pad_nd(T(t), dims(pad, npad), value))
+}
+tt_tensor tt_tril(tt_tensor t, int64_t d) { TRY_HANDLE(at::tril(T(t), d)) }
+tt_tensor tt_triu(tt_tensor t, int64_t d) { TRY_HANDLE(at::triu(T(t), d)) }
+tt_tensor tt_avg_pool2d_global(tt_tensor x) { TRY_HANDLE(at::mean(T(x), {-2, -1}, true)) }
+tt_tensor tt_interpolate_bilinear(tt_tensor x, int64_t h, int64_t w, int align_corners) {
+  TRY_HANDLE(at::upsample_bilinear2d(T(x), {h, w}, align_corners != 0, c10::nullopt, c10::nullopt))
+}
+
+// shape and indexing
+tt_tensor tt_reshape(tt_tensor t, const int64_t *s, int n) { TRY_HANDLE(T(t).reshape(dims(s, n))) }
+tt_tensor tt_view(tt_tensor t, const int64_t *s, int n) { TRY_HANDLE(T(t).view(dims(s, n))) }
+tt_tensor tt_permute(tt_tensor t, const int64_t *d, int n) { TRY_HANDLE(T(t).permute(dims(d, n))) }
+tt_tensor tt_transpose(tt_tensor t, int64_t a, int64_t b) { TRY_HANDLE(T(t).transpose(a, b)) }
+tt_tensor tt_contiguous(tt_tensor t) { TRY_HANDLE(T(t).contiguous()) }
+tt_tensor tt_expand(tt_tensor t, const int64_t *s, int n) { TRY_HANDLE(T(t).expand(dims(s, n))) }
+tt_tensor tt_squeeze(tt_tensor t, int64_t d) { TRY_HANDLE(T(t).squeeze(d)) }
+tt_tensor tt_unsqueeze(tt_tensor t, int64_t d) { TRY_HANDLE(T(t).unsqueeze(d)) }
+tt_tensor tt_narrow(tt_tensor t, int64_t d, int64_t s, int64_t l) { TRY_HANDLE(T(t).narrow(d, s, l)) }
+tt_tensor tt_slice(tt_tensor t, int64_t d, int64_t s, int64_t e, int64_t st) { TRY_HANDLE(T(t).slice(d, s, e, st)) }
+tt_tensor tt_select(tt_tensor t, int64_t d, int64_t i) { TRY_HANDLE(T(t).select(d, i)) }
+tt_tensor tt_index_select(tt_tensor t, int64_t d, tt_tensor i) { TRY_HANDLE(at::index_select(T(t), d, T(i))) }
+tt_tensor tt_gather(tt_tensor t, int64_t d, tt_tensor i) { TRY_HANDLE(at::gather(T(t), d, T(i))) }
+tt_tensor tt_scatter(tt_tensor t, int64_t d, tt_tensor i, tt_tensor s) { TRY_HANDLE(at::scatter(T(t), d, T(i), T(s))) }
+tt_tensor tt_masked_fill(tt_tensor t, tt_tensor m, double v) { TRY_HANDLE(at::masked_fill(T(t), T(m), v)) }
+static std::vector<at::Tensor> list(const tt_tensor *ts, int n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int i = 0; i < n; i++) v.push_back(T(ts[i]));
+  return v;
+}
+tt_tensor tt_cat(const tt_tensor *ts, int n, int64_t d) { TRY_HANDLE(at::cat(list(ts, n), d)) }
+tt_tensor tt_stack(const tt_tensor *ts, int n, int64_t d) { TRY_HANDLE(at::stack(list(ts, n), d)) }
+tt_tensor tt_repeat_interleave(tt_tensor t, int64_t r, int64_t d) { TRY_HANDLE(at::repeat_interleave(T(t), r, d)) }
+tt_tensor tt_repeat(tt_tensor t, const int64_t *r, int n) { TRY_HANDLE(T(t).repeat(dims(r, n))) }
+tt_tensor tt_flip(tt_tensor t, const int64_t *d, int n) { TRY_HANDLE(at::flip(T(t), dims(d, n))) }
+
+// in place
+int tt_copy_(tt_tensor dst, tt_tensor src) { TRY_STATUS(dst->t.copy_(T(src))) }
+int tt_fill_(tt_tensor t, double v) { TRY_STATUS(t->t.fill_(v)) }
+int tt_add_(tt_tensor t, tt_tensor o, double alpha) { TRY_STATUS(t->t.add_(T(o), alpha)) }
+int tt_mul_scalar_(tt_tensor t, double s) { TRY_STATUS(t->t.mul_(s)) }
+
+// autograd
+int tt_requires_grad(tt_tensor t) { return T(t).requires_grad() ? 1 : 0; }
+int tt_set_requires_grad(tt_tensor t, int f) { TRY_STATUS(t->t.set_requires_grad(f != 0)) }
+int tt_backward(tt_tensor t, tt_tensor grad, int retain) {
+  TRY_STATUS(T(t).backward(grad ? T(grad) : at::Tensor(), retain != 0 ? c10::optional<bool>(true) : c10::nullopt))
+}
+tt_tensor tt_grad(tt_tensor t) {
+  try {
+    const at::Tensor &g = T(t).grad();
+    if (!g.defined()) { g_error.clear(); return nullptr; }
+    return wrap(g);
+  } catch (const std::exception &e) { g_error = e.what(); return nullptr; }
+}
+int tt_zero_grad(tt_tensor t) { TRY_STATUS(t->t.mutable_grad() = at::Tensor()) }
+tt_tensor tt_detach(tt_tensor t) { TRY_HANDLE(T(t).detach()) }
+int tt_is_leaf(tt_tensor t) { return T(t).is_leaf() ? 1 : 0; }
+
+// optimisation
+int tt_adamw_step(const tt_tensor *params, const tt_tensor *grads, const tt_tensor *m, const tt_tensor *v,
+                  const tt_tensor *steps, int n, double lr, double b1, double b2, double wd, double eps) {
+  TRY_STATUS({
+    c10::AutoGradMode no_grad(false);
+    auto p = list(params, n), g = list(grads, n), ea = list(m, n), eas = list(v, n), st = list(steps, n);
+    // As torch.optim.AdamW does: the step count is bumped first, then the fused kernel reads
+    // it for bias correction and applies decoupled weight decay.
+    at::_foreach_add_(st, 1.0);
+    at::_fused_adamw_(p, g, ea, eas, {}, st, lr, b1, b2, wd, eps, false, false);
+  })
+}
+int tt_clip_grad_norm(const tt_tensor *grads, int n, double max_norm, double *total) {
+  TRY_STATUS({
+    c10::AutoGradMode no_grad(false);
+    if (n == 0) { *total = 0; return 0; }
+    auto g = list(grads, n);
+    auto norms = at::_foreach_norm(g, 2);
+    double tn = at::norm(at::stack(norms), 2).item<double>();
+    *total = tn;
+    if (max_norm > 0 && std::isfinite(tn) && tn > max_norm) at::_foreach_mul_(g, max_norm / (tn + 1e-6));
+  })
+}
+
+} // extern "C"

@@ -1,0 +1,106 @@
+import Foundation
+import XCTest
+@testable import Torch
+
+final class Block: Module {
+    let q_proj: Linear, norm: RMSNorm
+    init(seed: UInt64) throws {
+        q_proj = try Linear(4, 3, bias: false, generator: Generator(seed: seed))
+        norm = try RMSNorm(4)
+        super.init()
+        register("q_proj", q_proj)
+        register("input_layernorm", norm)
+    }
+}
+
+final class Net: Module {
+    let layers: [Block]
+    init(layers n: Int) throws {
+        layers = try (0..<n).map { try Block(seed: UInt64($0)) }
+        super.init()
+        let list = Module()
+        for (i, b) in layers.enumerated() { list.register("\(i)", b) }
+        register("layers", list)
+    }
+}
+
+final class ModuleOptimTests: XCTestCase {
+    func testParameterNamesFreezeAndCount() throws {
+        let net = try Net(layers: 2)
+        let names = net.namedParameters(prefix: "model").map(\.name)
+        XCTAssertEqual(names, ["model.layers.0.q_proj.weight", "model.layers.0.input_layernorm.weight",
+                               "model.layers.1.q_proj.weight", "model.layers.1.input_layernorm.weight"])
+        XCTAssertEqual(net.parameterCount, 2 * (12 + 4))
+        try net.unfreeze()
+        try net.freeze(matching: ["layers.*.input_layernorm.*"])
+        XCTAssertEqual(net.trainableParameters.map(\.name), ["layers.0.q_proj.weight", "layers.1.q_proj.weight"])
+        XCTAssertTrue(globMatch("a.*.c", "a.b.x.c"))
+        XCTAssertFalse(globMatch("a.*.c", "a.b.d"))
+    }
+
+    func testLoadReportsMissingUnexpectedAndMismatched() throws {
+        let net = try Net(layers: 2)
+        var state = net.stateDict()
+        let newW = try Tensor.full([3, 4], 0.5)
+        state["layers.0.q_proj.weight"] = newW
+        state["layers.1.q_proj.weight"] = try Tensor.zeros([4, 4])
+        state.removeValue(forKey: "layers.1.input_layernorm.weight")
+        state["extra.bias"] = try Tensor.zeros([1])
+        XCTAssertThrowsError(try net.load(state, strict: true)) { XCTAssertTrue("\($0)".contains("missing")) }
+        let report = try net.load(state, strict: false)
+        XCTAssertEqual(report.missing, ["layers.1.input_layernorm.weight"])
+        XCTAssertEqual(report.unexpected, ["extra.bias"])
+        XCTAssertEqual(report.mismatched.map(\.name), ["layers.1.q_proj.weight"])
+        XCTAssertEqual(report.loaded, 2)
+        XCTAssertEqual(try net.layers[0].q_proj.weight.floats(), [Float](repeating: 0.5, count: 12))
+    }
+
+    /// AdamW against the update rule written out by hand (PyTorch's AdamW):
+    /// p ← p(1 − lr·wd); m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²;
+    /// p ← p − lr · (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + eps).
+    func testAdamWMatchesHandComputedTwoSteps() throws {
+        let p = try Tensor([1.0, -2.0], shape: [2]).requiresGrad(true)
+        let coeffs = [[0.5, -1.0], [0.25, 3.0]] // loss_t = Σ c_t · p, so g_t = c_t
+        let lr = 0.1, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.01
+        let opt = try AdamW([p], lr: lr, betas: (b1, b2), eps: eps, weightDecay: wd)
+        var expected = [1.0, -2.0], m = [0.0, 0.0], v = [0.0, 0.0]
+        for (t, c) in coeffs.enumerated() {
+            try (p * Tensor(c, shape: [2])).sum().backward()
+            try opt.step()
+            try opt.zeroGrad()
+            for i in 0..<2 {
+                expected[i] *= 1 - lr * wd
+                m[i] = b1 * m[i] + (1 - b1) * c[i]
+                v[i] = b2 * v[i] + (1 - b2) * c[i] * c[i]
+                let mh = m[i] / (1 - Foundation.pow(b1, Double(t + 1)))
+                let vh = v[i] / (1 - Foundation.pow(b2, Double(t + 1)))
+                expected[i] -= lr * mh / (vh.squareRoot() + eps)
+            }
+        }
+        let got = try p.doubles()
+        for i in 0..<2 { XCTAssertEqual(got[i], expected[i], accuracy: 1e-12) }
+    }
+
+    func testGradClipScalesAndReportsNonFinite() throws {
+        let a = try Tensor([Float(0), 0]).requiresGrad(true)
+        try (a * Tensor([Float(3), 4])).sum().backward()
+        let norm = try clipGradNorm([a], maxNorm: 1)
+        XCTAssertEqual(norm, 5, accuracy: 1e-6)
+        let g = try a.grad!.floats()
+        XCTAssertEqual(g[0], 0.6, accuracy: 1e-5)
+        XCTAssertEqual(g[1], 0.8, accuracy: 1e-5)
+        let b = try Tensor([Float(0)]).requiresGrad(true)
+        try (b * Double.infinity).sum().backward()
+        XCTAssertFalse(try clipGradNorm([b], maxNorm: 1).isFinite)
+    }
+
+    func testSchedules() {
+        let s = LRSchedule.cosine(warmup: 2, total: 10)
+        XCTAssertEqual(s.factor(at: 0), 0)
+        XCTAssertEqual(s.factor(at: 1), 0.5)
+        XCTAssertEqual(s.factor(at: 2), 1, accuracy: 1e-12)
+        XCTAssertEqual(s.factor(at: 6), 0.5, accuracy: 1e-12) // halfway through the decay
+        XCTAssertEqual(s.factor(at: 10), 0, accuracy: 1e-12)
+        XCTAssertEqual(LRSchedule.constant.factor(at: 99), 1)
+    }
+}

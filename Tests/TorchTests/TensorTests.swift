@@ -1,0 +1,151 @@
+import Foundation
+import XCTest
+@testable import Torch
+
+final class TensorTests: XCTestCase {
+    func testCreationRoundTripAndDtypes() throws {
+        let a = try Tensor([Float(1), 2, 3, 4, 5, 6], shape: [2, 3])
+        XCTAssertEqual(a.shape, [2, 3])
+        XCTAssertEqual(a.strides, [3, 1])
+        XCTAssertEqual(a.dtype, .float32)
+        XCTAssertEqual(try a.floats(), [1, 2, 3, 4, 5, 6])
+        XCTAssertEqual(try a.to(.int64).ints(), [1, 2, 3, 4, 5, 6])
+        XCTAssertEqual(try a.to(.bfloat16).to(.float32).floats(), [1, 2, 3, 4, 5, 6])
+        XCTAssertEqual(try a.to(.float16).dtype, .float16)
+        XCTAssertEqual(try Tensor([true, false]).bools(), [true, false])
+        XCTAssertEqual(try Tensor.arange(5).ints(), [0, 1, 2, 3, 4])
+        XCTAssertEqual(try Tensor.full([2], 7, dtype: .int32).toArray(Int32.self), [7, 7])
+        XCTAssertThrowsError(try Tensor([Float(1), 2, 3], shape: [2, 2]))
+    }
+
+    func testBroadcastArithmeticAndComparisons() throws {
+        let a = try Tensor([Float(1), 2, 3, 4, 5, 6], shape: [2, 3])
+        let b = try Tensor([Float(10), 20, 30], shape: [3])
+        XCTAssertEqual(try (a + b).floats(), [11, 22, 33, 14, 25, 36])
+        XCTAssertEqual(try (a * 2 - 1).floats(), [1, 3, 5, 7, 9, 11])
+        XCTAssertEqual(try (1 - a).floats(), [0, -1, -2, -3, -4, -5])
+        XCTAssertEqual(try (12 / a).floats(), [12, 6, 4, 3, 2.4, 2])
+        XCTAssertEqual(try a.gt(3).bools(), [false, false, false, true, true, true])
+        XCTAssertEqual(try Tensor.where(a.gt(3), a, a.neg()).floats(), [-1, -2, -3, 4, 5, 6])
+        XCTAssertEqual(try a.clamp(min: 2, max: 5).floats(), [2, 2, 3, 4, 5, 5])
+        XCTAssertEqual(try a.maskedFill(a.lt(3), -1).floats(), [-1, -1, 3, 4, 5, 6])
+    }
+
+    func testReductions() throws {
+        let a = try Tensor([Float(1), 5, 3, 4, 2, 6], shape: [2, 3])
+        XCTAssertEqual(try a.sum().item(), 21)
+        XCTAssertEqual(try a.sum(dim: 0).floats(), [5, 7, 9])
+        XCTAssertEqual(try a.mean(dim: 1, keepDim: true).shape, [2, 1])
+        XCTAssertEqual(try a.max([1]).floats(), [5, 6])
+        XCTAssertEqual(try a.argmax(dim: 1).ints(), [1, 2])
+        let (v, i) = try a.max(dim: 0)
+        XCTAssertEqual(try v.floats(), [4, 5, 6])
+        XCTAssertEqual(try i.ints(), [1, 0, 1])
+        // unbiased std of [1,5,3] = 2
+        XCTAssertEqual(try a.slice(dim: 0, end: 1).std().item(), 2, accuracy: 1e-6)
+        let lse = try a.logsumexp(dim: 1).floats()
+        XCTAssertEqual(Double(lse[0]), Foundation.log(Foundation.exp(1.0) + Foundation.exp(5.0) + Foundation.exp(3.0)), accuracy: 1e-5)
+        XCTAssertEqual(try a.cumsum(dim: 1).floats(), [1, 6, 9, 4, 6, 12])
+        let (tv, ti) = try a.topk(2, dim: 1)
+        XCTAssertEqual(try tv.floats(), [5, 3, 6, 4])
+        XCTAssertEqual(try ti.ints(), [1, 2, 2, 0])
+        let (sv, si) = try a.sort(dim: 1, descending: true)
+        XCTAssertEqual(try sv.floats(), [5, 3, 1, 6, 4, 2])
+        XCTAssertEqual(try si.ints(), [1, 2, 0, 2, 0, 1])
+    }
+
+    func testShapeOpsAndIndexing() throws {
+        let a = try Tensor.arange(0, 24, dtype: .float32).reshape([2, 3, 4])
+        XCTAssertEqual(try a.permute([2, 0, 1]).shape, [4, 2, 3])
+        let t = try a.transpose(1, 2)
+        XCTAssertFalse(t.isContiguous)
+        XCTAssertTrue(try t.contiguous().isContiguous)
+        XCTAssertEqual(try a.narrow(dim: 2, start: 1, length: 2).select(dim: 0, index: 1).floats(), [13, 14, 17, 18, 21, 22])
+        XCTAssertEqual(try a.slice(dim: 2, start: 0, end: 4, step: 2).shape, [2, 3, 2])
+        XCTAssertEqual(try a.slice(dim: 1, start: -1).shape, [2, 1, 4])
+        XCTAssertEqual(try a.unsqueeze(0).squeeze(0).shape, [2, 3, 4])
+        XCTAssertEqual(try a.select(dim: 1, index: 0).unsqueeze(1).expand([2, 5, 4]).shape, [2, 5, 4])
+        let idx = try Tensor([Int64(2), 0])
+        XCTAssertEqual(try a.select(dim: 0, index: 0).indexSelect(dim: 0, index: idx).floats(), [8, 9, 10, 11, 0, 1, 2, 3])
+        let c = try Tensor.cat([a, a], dim: 1)
+        XCTAssertEqual(c.shape, [2, 6, 4])
+        XCTAssertEqual(try Tensor.stack([a, a], dim: 0).shape, [2, 2, 3, 4])
+        let parts = try c.split([2, 4], dim: 1)
+        XCTAssertEqual(parts.map(\.shape), [[2, 2, 4], [2, 4, 4]])
+        XCTAssertEqual(try a.chunk(2, dim: 2).count, 2)
+        let s = try Tensor.zeros([2, 3]).scatter(dim: 1, index: Tensor([Int64(2), 0], shape: [2, 1]), src: Tensor.ones([2, 1]))
+        XCTAssertEqual(try s.floats(), [0, 0, 1, 1, 0, 0])
+        XCTAssertEqual(try Tensor([Float(1), 2], shape: [2, 1]).repeatInterleave(2, dim: 0).floats(), [1, 1, 2, 2])
+        XCTAssertEqual(try Tensor.ones([3, 3]).tril().sum().item(), 6)
+        XCTAssertEqual(try F.pad(Tensor.ones([1, 2]), [1, 2]).floats(), [0, 1, 1, 0, 0])
+    }
+
+    func testSamplingIsSeeded() throws {
+        let probs = try Tensor([Float(0.1), 0.2, 0.3, 0.4], shape: [1, 4])
+        let a = try F.multinomial(probs, 20, replacement: true, generator: Generator(seed: 3)).ints()
+        let b = try F.multinomial(probs, 20, replacement: true, generator: Generator(seed: 3)).ints()
+        let c = try F.multinomial(probs, 20, replacement: true, generator: Generator(seed: 4)).ints()
+        XCTAssertEqual(a, b)
+        XCTAssertNotEqual(a, c)
+        XCTAssertTrue(a.allSatisfy { (0..<4).contains($0) })
+        XCTAssertEqual(try Tensor.randn([5], generator: Generator(seed: 1)).floats(),
+                       try Tensor.randn([5], generator: Generator(seed: 1)).floats())
+    }
+
+    func testLibtorchErrorsBecomeSwiftErrors() throws {
+        let a = try Tensor.ones([2, 3]), b = try Tensor.ones([4, 5])
+        XCTAssertThrowsError(try a.matmul(b)) { error in
+            let msg = "\(error)"
+            XCTAssertTrue(msg.contains("cannot be multiplied"), msg)
+            XCTAssertTrue(msg.contains("2x3") && msg.contains("4x5"), msg)
+        }
+        XCTAssertThrowsError(try a.reshape([7]))
+        XCTAssertThrowsError(try a.select(dim: 0, index: 9))
+        XCTAssertThrowsError(try Tensor.cat([a, b], dim: 0))
+        // the process survives and keeps working
+        XCTAssertEqual(try a.sum().item(), 6)
+    }
+
+    func testAutogradBasicsAndNoGrad() throws {
+        let x = try Tensor([Float(1), 2, 3]).requiresGrad(true)
+        XCTAssertTrue(x.requiresGrad)
+        XCTAssertNil(x.grad)
+        try (x * x).sum().backward()
+        XCTAssertEqual(try x.grad!.floats(), [2, 4, 6])
+        try (x * x).sum().backward()
+        XCTAssertEqual(try x.grad!.floats(), [4, 8, 12], "gradients accumulate")
+        try x.zeroGrad()
+        XCTAssertNil(x.grad)
+        let y = try noGrad { try x * 2 }
+        XCTAssertFalse(y.requiresGrad)
+        XCTAssertTrue(Torch.gradEnabled, "noGrad restores the previous mode")
+        XCTAssertFalse(try x.detach().requiresGrad)
+    }
+
+    func testThreadsSetting() throws {
+        let before = Torch.threads
+        Torch.threads = 1
+        XCTAssertEqual(Torch.threads, 1)
+        Torch.threads = before
+    }
+
+    func testNoLeakOver100kTensors() throws {
+        func rssKB() -> Int {
+            let s = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? "0 0"
+            let pages = Int(s.split(separator: " ")[1]) ?? 0
+            return pages * 4
+        }
+        let base = try Tensor.ones([8])
+        func churn(_ n: Int) throws {
+            for i in 0..<n {
+                let t = try Tensor.full([8], Double(i))
+                _ = try (t + base).sum()
+            }
+        }
+        try churn(10_000) // warm allocator caches
+        let before = rssKB()
+        try churn(100_000)
+        let grown = rssKB() - before
+        XCTAssertLessThan(grown, 4_000, "RSS grew by \(grown) KB over 100k tensors")
+    }
+}
