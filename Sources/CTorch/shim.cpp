@@ -143,6 +143,7 @@ int tt_device(tt_tensor t, int *index) {
 }
 int64_t tt_numel(tt_tensor t) { return T(t).numel(); }
 int tt_is_contiguous(tt_tensor t) { return T(t).is_contiguous() ? 1 : 0; }
+void *tt_data_ptr(tt_tensor t) { return T(t).data_ptr(); }
 int tt_copy_out(tt_tensor t, void *dst, size_t nbytes) {
   TRY_STATUS({
     at::Tensor c = T(t).detach().to(at::kCPU).contiguous();

@@ -140,12 +140,13 @@ public final class Linear: Module {
     public let bias: Tensor?
     public let inFeatures: Int, outFeatures: Int
 
-    public init(_ inFeatures: Int, _ outFeatures: Int, bias: Bool = true, generator: Generator? = nil) throws {
+    /// `initialize: false` leaves the memory unset, for layers about to be loaded from a checkpoint.
+    public init(_ inFeatures: Int, _ outFeatures: Int, bias: Bool = true, initialize: Bool = true, generator: Generator? = nil) throws {
         self.inFeatures = inFeatures
         self.outFeatures = outFeatures
         let bound = 1 / Double(inFeatures).squareRoot()
-        weight = try uniformInit([outFeatures, inFeatures], bound: bound, generator: generator)
-        self.bias = bias ? try uniformInit([outFeatures], bound: bound, generator: generator) : nil
+        weight = initialize ? try uniformInit([outFeatures, inFeatures], bound: bound, generator: generator) : try Tensor.empty([outFeatures, inFeatures])
+        self.bias = !bias ? nil : initialize ? try uniformInit([outFeatures], bound: bound, generator: generator) : try Tensor.zeros([outFeatures])
         super.init()
         register("weight", weight)
         if let b = self.bias { register("bias", b) }
@@ -155,8 +156,8 @@ public final class Linear: Module {
 
 public final class Embedding: Module {
     public let weight: Tensor
-    public init(_ count: Int, _ dim: Int, generator: Generator? = nil) throws {
-        weight = try Tensor.randn([count, dim], generator: generator)
+    public init(_ count: Int, _ dim: Int, initialize: Bool = true, generator: Generator? = nil) throws {
+        weight = initialize ? try Tensor.randn([count, dim], generator: generator) : try Tensor.empty([count, dim])
         super.init()
         register("weight", weight)
     }

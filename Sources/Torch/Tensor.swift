@@ -199,6 +199,14 @@ public final class Tensor: @unchecked Sendable {
     public func doubles() throws -> [Double] { try toArray(Double.self) }
     public func ints() throws -> [Int] { try toArray(Int64.self).map { Int($0) } }
     public func bools() throws -> [Bool] { try toArray(Bool.self) }
+    /// Direct access to the memory of a contiguous CPU tensor (e.g. to dequantise weights
+    /// into it). Writes are not recorded by autograd.
+    public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) throws -> R {
+        guard isContiguous, device == .cpu else { throw TorchError("withUnsafeMutableBytes: needs a contiguous CPU tensor") }
+        return try withExtendedLifetime(self) {
+            try body(UnsafeMutableRawBufferPointer(start: tt_data_ptr(handle), count: count * dtype.byteSize))
+        }
+    }
     public func item() throws -> Double {
         var v = 0.0
         try Tensor.status(self) { tt_item(handle, &v) }
@@ -221,7 +229,7 @@ public final class Tensor: @unchecked Sendable {
 
 // MARK: - runtime
 
-public enum Torch {
+public enum LibTorch {
     public static var threads: Int {
         get { Int(tt_get_num_threads()) }
         set { tt_set_num_threads(Int32(newValue)) }

@@ -118,15 +118,15 @@ final class TensorTests: XCTestCase {
         XCTAssertNil(x.grad)
         let y = try noGrad { try x * 2 }
         XCTAssertFalse(y.requiresGrad)
-        XCTAssertTrue(Torch.gradEnabled, "noGrad restores the previous mode")
+        XCTAssertTrue(LibTorch.gradEnabled, "noGrad restores the previous mode")
         XCTAssertFalse(try x.detach().requiresGrad)
     }
 
     func testThreadsSetting() throws {
-        let before = Torch.threads
-        Torch.threads = 1
-        XCTAssertEqual(Torch.threads, 1)
-        Torch.threads = before
+        let before = LibTorch.threads
+        LibTorch.threads = 1
+        XCTAssertEqual(LibTorch.threads, 1)
+        LibTorch.threads = before
     }
 
     func testNoLeakOver100kTensors() throws {

@@ -785,7 +785,11 @@ Prompt `plain` additionally has `all_positions_top5_ids` / `all_positions_top5_v
 Prompt token counts: {ntok}.
 
 Tolerance hint: our Swift path dequantises the same blocks but matmul/reduction order differs over 30 layers;
-expect top-20 ids to agree (except near-ties) and values within ~1e-3..1e-2 absolute (logits are O(10..30)).
+expect top-20 ids to agree (except near-ties) and values within ~1e-3..1e-2 absolute (final logits span about
+-20..27). The smallest gap between consecutive top-20 values is ~6e-3, so compare top-20 as an id -> value map with
+a tolerance (or require only the top-1/top-5 order), not the exact order of all 20. Top-1 margins at the last
+position: plain 2.48, chat 0.082, code 0.41, long 2.93, so greedy ids should match, but the `chat` prompt's first
+greedy token is only 0.08 ahead of the runner-up.
 """
 
 
@@ -799,12 +803,12 @@ def write_notes(out_dir):
         if os.path.exists(p):
             pc = json.load(open(p))["perturbation_checks"]
             lines.append(f"  * tiny-{kind}: " + ", ".join(f"`{k}` {v:.3g}" for k, v in pc.items()))
-    parts["perturb"] = "\\n".join(lines)
+    parts["perturb"] = "\n".join(lines)
     p = os.path.join(out_dir, "smollm2_logits.json")
     if os.path.exists(p):
         s = json.load(open(p))
         c = s["config"]
-        parts["smolcfg"] = "\\n".join(f"* `{k}`: `{json.dumps(v)}`" for k, v in c.items())
+        parts["smolcfg"] = "\n".join(f"* `{k}`: `{json.dumps(v)}`" for k, v in c.items())
         parts["tokcls"] = s["tokenizer"]["class"]
         parts["chat_example"] = s["tokenizer"]["chat_rendered_example"]
         from collections import Counter

@@ -54,6 +54,7 @@ int64_t tt_numel(tt_tensor t);
 int tt_copy_out(tt_tensor t, void *dst, size_t nbytes); // dst receives contiguous CPU data
 int tt_item(tt_tensor t, double *out);
 int tt_is_contiguous(tt_tensor t);
+void *tt_data_ptr(tt_tensor t); // CPU, contiguous tensors only (checked by the caller)
 
 // elementwise
 enum {

@@ -1,0 +1,105 @@
+import Torch
+
+/// Keys and values of past positions, for incremental decoding.
+///
+/// Storage is preallocated per layer as [batch, kvHeads, capacity, headDim] and written in
+/// place, so a decode step costs one small copy instead of re-concatenating the whole past.
+/// `valid` marks which cached positions each row may attend to (false for left padding).
+public final class KVCache {
+    public private(set) var keys: [Tensor] = []
+    public private(set) var values: [Tensor] = []
+    public private(set) var length = 0
+    public private(set) var capacity: Int
+    public private(set) var batch = 0
+    /// [batch, capacity] bool; nil while every position is valid.
+    public private(set) var valid: Tensor?
+    let layers: Int
+
+    public init(layers: Int, capacity: Int) {
+        self.layers = layers
+        self.capacity = capacity
+    }
+
+    /// Writes the new keys/values of `layer` after the cached ones and returns everything
+    /// cached so far for that layer (views).
+    func append(layer: Int, k: Tensor, v: Tensor) throws -> (Tensor, Tensor) {
+        let n = k.size(2)
+        if keys.count < layers {
+            batch = k.size(0)
+            let shape = [k.size(0), k.size(1), capacity, k.size(3)]
+            for _ in 0..<layers {
+                keys.append(try Tensor.empty(shape, dtype: k.dtype))
+                values.append(try Tensor.empty(shape, dtype: v.dtype))
+            }
+        }
+        if length + n > capacity { try grow(to: Swift.max(2 * capacity, length + n)) }
+        try noGrad {
+            try keys[layer].narrow(dim: 2, start: length, length: n).copy_(k)
+            try values[layer].narrow(dim: 2, start: length, length: n).copy_(v)
+        }
+        return (try keys[layer].narrow(dim: 2, start: 0, length: length + n),
+                try values[layer].narrow(dim: 2, start: 0, length: length + n))
+    }
+
+    /// Called once per forward pass, after every layer has appended `n` positions.
+    func advance(_ n: Int, validNew: Tensor? = nil) throws {
+        if let validNew {
+            if valid == nil { valid = try Tensor.ones([batch, capacity], dtype: .bool) }
+            try valid!.narrow(dim: 1, start: length, length: n).copy_(validNew)
+        }
+        length += n
+    }
+
+    /// Validity of the cached positions [batch, length], if any are masked.
+    var validPrefix: Tensor? { get throws { try valid?.narrow(dim: 1, start: 0, length: length) } }
+
+    private func grow(to newCapacity: Int) throws {
+        try noGrad {
+            for i in 0..<keys.count {
+                var shape = keys[i].shape
+                shape[2] = newCapacity
+                let k = try Tensor.empty(shape, dtype: keys[i].dtype), v = try Tensor.empty(shape, dtype: values[i].dtype)
+                try k.narrow(dim: 2, start: 0, length: length).copy_(keys[i].narrow(dim: 2, start: 0, length: length))
+                try v.narrow(dim: 2, start: 0, length: length).copy_(values[i].narrow(dim: 2, start: 0, length: length))
+                keys[i] = k
+                values[i] = v
+            }
+            if let old = valid {
+                let nv = try Tensor.ones([batch, newCapacity], dtype: .bool)
+                try nv.narrow(dim: 1, start: 0, length: length).copy_(old.narrow(dim: 1, start: 0, length: length))
+                valid = nv
+            }
+        }
+        capacity = newCapacity
+    }
+
+    /// Keeps only the given batch rows, in that order (rows may repeat: this is how one
+    /// prefilled prompt fans out to N samples without recomputing it).
+    public func selectRows(_ rows: [Int]) throws {
+        let idx = try Tensor(rows.map { Int64($0) })
+        try noGrad {
+            keys = try keys.map { try $0.indexSelect(dim: 0, index: idx) }
+            values = try values.map { try $0.indexSelect(dim: 0, index: idx) }
+            valid = try valid?.indexSelect(dim: 0, index: idx)
+        }
+        batch = rows.count
+    }
+
+    /// A copy sharing no storage with this cache (so it can be reused as a prefix).
+    public func copy() throws -> KVCache {
+        func clone(_ t: Tensor) throws -> Tensor {
+            let c = try Tensor.empty(t.shape, dtype: t.dtype)
+            try c.copy_(t)
+            return c
+        }
+        let c = KVCache(layers: layers, capacity: capacity)
+        try noGrad {
+            c.keys = try keys.map(clone)
+            c.values = try values.map(clone)
+            c.valid = try valid.map(clone)
+        }
+        c.length = length
+        c.batch = batch
+        return c
+    }
+}

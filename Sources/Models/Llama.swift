@@ -1,0 +1,323 @@
+import Foundation
+import Torch
+
+/// A decoder-only language model as the generation engine and the VLMs use it.
+public protocol CausalLM: AnyObject {
+    var layerCount: Int { get }
+    var hiddenSize: Int { get }
+    var vocabSize: Int { get }
+    func embed(_ ids: Tensor) throws -> Tensor
+    /// Hidden states after the final norm, [B, T, hidden]. `positions` are RoPE positions
+    /// [B, T]; `valid` [B, T] marks real (non-padding) tokens; `cache` receives the new keys/values.
+    func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor
+    func logits(_ hidden: Tensor) throws -> Tensor
+}
+
+/// Llama-family configuration, decoded from HF `config.json` (Llama, Qwen2, SmolLM2) or GGUF metadata.
+public struct LlamaConfig: Codable, Sendable {
+    public var modelType: String = "llama"
+    public var vocabSize: Int
+    public var hiddenSize: Int
+    public var intermediateSize: Int
+    public var numHiddenLayers: Int
+    public var numAttentionHeads: Int
+    public var numKeyValueHeads: Int
+    public var headDim: Int?
+    public var rmsNormEps: Double = 1e-6
+    public var ropeTheta: Double = 10_000
+    public var tieWordEmbeddings: Bool = false
+    public var attentionBias: Bool?
+    public var maxPositionEmbeddings: Int = 2048
+    public var bosTokenId: Int?
+    public var eosTokenId: Int?
+
+    enum CodingKeys: String, CodingKey {
+        case modelType = "model_type", vocabSize = "vocab_size", hiddenSize = "hidden_size"
+        case intermediateSize = "intermediate_size", numHiddenLayers = "num_hidden_layers"
+        case numAttentionHeads = "num_attention_heads", numKeyValueHeads = "num_key_value_heads"
+        case headDim = "head_dim", rmsNormEps = "rms_norm_eps", ropeTheta = "rope_theta"
+        case tieWordEmbeddings = "tie_word_embeddings", attentionBias = "attention_bias"
+        case maxPositionEmbeddings = "max_position_embeddings", bosTokenId = "bos_token_id", eosTokenId = "eos_token_id"
+        case ropeScaling = "rope_scaling", ropeParameters = "rope_parameters"
+    }
+
+    public init(vocabSize: Int, hiddenSize: Int, intermediateSize: Int, numHiddenLayers: Int, numAttentionHeads: Int,
+                numKeyValueHeads: Int, modelType: String = "llama") {
+        self.vocabSize = vocabSize
+        self.hiddenSize = hiddenSize
+        self.intermediateSize = intermediateSize
+        self.numHiddenLayers = numHiddenLayers
+        self.numAttentionHeads = numAttentionHeads
+        self.numKeyValueHeads = numKeyValueHeads
+        self.modelType = modelType
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        modelType = try c.decodeIfPresent(String.self, forKey: .modelType) ?? "llama"
+        vocabSize = try c.decode(Int.self, forKey: .vocabSize)
+        hiddenSize = try c.decode(Int.self, forKey: .hiddenSize)
+        intermediateSize = try c.decode(Int.self, forKey: .intermediateSize)
+        numHiddenLayers = try c.decode(Int.self, forKey: .numHiddenLayers)
+        numAttentionHeads = try c.decode(Int.self, forKey: .numAttentionHeads)
+        numKeyValueHeads = try c.decodeIfPresent(Int.self, forKey: .numKeyValueHeads) ?? numAttentionHeads
+        headDim = try c.decodeIfPresent(Int.self, forKey: .headDim)
+        rmsNormEps = try c.decodeIfPresent(Double.self, forKey: .rmsNormEps) ?? 1e-6
+        tieWordEmbeddings = try c.decodeIfPresent(Bool.self, forKey: .tieWordEmbeddings) ?? false
+        attentionBias = try c.decodeIfPresent(Bool.self, forKey: .attentionBias)
+        maxPositionEmbeddings = try c.decodeIfPresent(Int.self, forKey: .maxPositionEmbeddings) ?? 2048
+        bosTokenId = try? c.decodeIfPresent(Int.self, forKey: .bosTokenId)
+        eosTokenId = try? c.decodeIfPresent(Int.self, forKey: .eosTokenId)
+        // transformers 5 moved rope_theta into rope_parameters; accept both.
+        let params = try? c.decodeIfPresent(RopeParameters.self, forKey: .ropeParameters)
+        ropeTheta = try c.decodeIfPresent(Double.self, forKey: .ropeTheta) ?? params?.ropeTheta ?? 10_000
+        let scaling = (try? c.decodeIfPresent(RopeParameters.self, forKey: .ropeScaling)) ?? params
+        if let kind = scaling?.ropeType, kind != "default" {
+            throw ModelError("rope scaling type '\(kind)' is not supported")
+        }
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(modelType, forKey: .modelType)
+        try c.encode(vocabSize, forKey: .vocabSize)
+        try c.encode(hiddenSize, forKey: .hiddenSize)
+        try c.encode(intermediateSize, forKey: .intermediateSize)
+        try c.encode(numHiddenLayers, forKey: .numHiddenLayers)
+        try c.encode(numAttentionHeads, forKey: .numAttentionHeads)
+        try c.encode(numKeyValueHeads, forKey: .numKeyValueHeads)
+        try c.encodeIfPresent(headDim, forKey: .headDim)
+        try c.encode(rmsNormEps, forKey: .rmsNormEps)
+        try c.encode(ropeTheta, forKey: .ropeTheta)
+        try c.encode(tieWordEmbeddings, forKey: .tieWordEmbeddings)
+        try c.encodeIfPresent(attentionBias, forKey: .attentionBias)
+        try c.encode(maxPositionEmbeddings, forKey: .maxPositionEmbeddings)
+    }
+
+    struct RopeParameters: Codable {
+        var ropeType: String?
+        var ropeTheta: Double?
+        enum CodingKeys: String, CodingKey { case ropeType = "rope_type", ropeTheta = "rope_theta" }
+    }
+
+    public var resolvedHeadDim: Int { headDim ?? hiddenSize / numAttentionHeads }
+    /// Qwen2 puts biases on q/k/v; Llama only when `attention_bias` says so.
+    public var qkvBias: Bool { attentionBias ?? (modelType == "qwen2") }
+
+    /// Reads the `llama.*` / `qwen2.*` keys of a GGUF file.
+    public init(gguf: GGUFFile) throws {
+        let arch = gguf.metadata["general.architecture"]?.string ?? "llama"
+        func int(_ key: String) throws -> Int {
+            guard let v = gguf.metadata["\(arch).\(key)"]?.int else {
+                throw ModelError("\(gguf.url.path): GGUF metadata has no \(arch).\(key)")
+            }
+            return v
+        }
+        let heads = try int("attention.head_count")
+        let vocab = gguf.metadata["\(arch).vocab_size"]?.int ?? gguf.metadata["tokenizer.ggml.tokens"]?.array?.count ?? 0
+        self.init(vocabSize: vocab, hiddenSize: try int("embedding_length"), intermediateSize: try int("feed_forward_length"),
+                  numHiddenLayers: try int("block_count"), numAttentionHeads: heads,
+                  numKeyValueHeads: gguf.metadata["\(arch).attention.head_count_kv"]?.int ?? heads,
+                  modelType: arch)
+        rmsNormEps = gguf.metadata["\(arch).attention.layer_norm_rms_epsilon"]?.double ?? 1e-6
+        ropeTheta = gguf.metadata["\(arch).rope.freq_base"]?.double ?? 10_000
+        maxPositionEmbeddings = gguf.metadata["\(arch).context_length"]?.int ?? 2048
+        headDim = gguf.metadata["\(arch).attention.key_length"]?.int
+        tieWordEmbeddings = gguf.tensor(named: "output.weight") == nil
+        bosTokenId = gguf.metadata["tokenizer.ggml.bos_token_id"]?.int
+        eosTokenId = gguf.metadata["tokenizer.ggml.eos_token_id"]?.int
+    }
+}
+
+public struct ModelError: Error, CustomStringConvertible {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Rotary position embedding, HF "rotate_half" layout (first half / second half pairs).
+public struct Rotary {
+    public let invFreq: Tensor // [headDim/2], float32
+
+    public init(headDim: Int, theta: Double) throws {
+        let exps: [Float] = stride(from: 0, to: headDim, by: 2).map { (i: Int) -> Float in
+            let e: Double = Double(i) / Double(headDim)
+            return Float(Foundation.pow(theta, -e))
+        }
+        invFreq = try Tensor(exps)
+    }
+
+    /// cos and sin for positions [B, T] → each [B, 1, T, headDim].
+    public func cosSin(_ positions: Tensor) throws -> (Tensor, Tensor) {
+        let freqs = try positions.to(.float32).unsqueeze(-1) * invFreq
+        let emb = try Tensor.cat([freqs, freqs], dim: -1).unsqueeze(1)
+        return (try emb.cos(), try emb.sin())
+    }
+
+    public static func apply(_ x: Tensor, cos: Tensor, sin: Tensor) throws -> Tensor {
+        let half = x.size(-1) / 2
+        let x1 = try x.narrow(dim: -1, start: 0, length: half), x2 = try x.narrow(dim: -1, start: half, length: half)
+        let rotated = try Tensor.cat([x2.neg(), x1], dim: -1)
+        return try x * cos + rotated * sin
+    }
+}
+
+/// Attention mask [B, 1, T, L] (true = attend) for T new queries after `past` cached positions,
+/// or nil when plain causal attention (or none, for one new token) is exact.
+func attentionMask(batch: Int, newTokens t: Int, past: Int, validKeys: Tensor?) throws -> Tensor? {
+    if validKeys == nil && (past == 0 || t == 1) { return nil }
+    let total = past + t
+    let q = try Tensor.arange(Double(past), Double(total)).unsqueeze(1) // [T,1]
+    let k = try Tensor.arange(0, Double(total)).unsqueeze(0)           // [1,L]
+    var mask = try k.le(q).unsqueeze(0).unsqueeze(0)                    // [1,1,T,L]
+    if let validKeys {
+        mask = try mask.logicalAnd(validKeys.unsqueeze(1).unsqueeze(1))
+        // A padding query would see no key at all (NaN); let every query see itself.
+        mask = try mask.logicalOr(k.eq(q).unsqueeze(0).unsqueeze(0))
+    }
+    return mask
+}
+
+public final class LlamaAttention: Module {
+    public let q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear
+    let heads: Int, kvHeads: Int, headDim: Int
+
+    init(_ c: LlamaConfig) throws {
+        heads = c.numAttentionHeads
+        kvHeads = c.numKeyValueHeads
+        headDim = c.resolvedHeadDim
+        q_proj = try Linear(c.hiddenSize, heads * headDim, bias: c.qkvBias, initialize: false)
+        k_proj = try Linear(c.hiddenSize, kvHeads * headDim, bias: c.qkvBias, initialize: false)
+        v_proj = try Linear(c.hiddenSize, kvHeads * headDim, bias: c.qkvBias, initialize: false)
+        o_proj = try Linear(heads * headDim, c.hiddenSize, bias: false, initialize: false)
+        super.init()
+        register("q_proj", q_proj)
+        register("k_proj", k_proj)
+        register("v_proj", v_proj)
+        register("o_proj", o_proj)
+    }
+
+    func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
+        let (b, t) = (x.size(0), x.size(1))
+        var q = try q_proj(x).view([b, t, heads, headDim]).transpose(1, 2)
+        var k = try k_proj(x).view([b, t, kvHeads, headDim]).transpose(1, 2)
+        var v = try v_proj(x).view([b, t, kvHeads, headDim]).transpose(1, 2)
+        q = try Rotary.apply(q, cos: cos, sin: sin)
+        k = try Rotary.apply(k, cos: cos, sin: sin)
+        let causal = mask == nil && (cache == nil || cache!.length == 0) && t > 1
+        if let cache { (k, v) = try cache.append(layer: layer, k: k, v: v) }
+        let out = try F.scaledDotProductAttention(q, k, v, mask: mask, causal: causal, enableGQA: kvHeads != heads)
+        return try o_proj(out.transpose(1, 2).reshape([b, t, heads * headDim]))
+    }
+}
+
+public final class LlamaMLP: Module {
+    public let gate_proj: Linear, up_proj: Linear, down_proj: Linear
+    init(_ c: LlamaConfig) throws {
+        gate_proj = try Linear(c.hiddenSize, c.intermediateSize, bias: false, initialize: false)
+        up_proj = try Linear(c.hiddenSize, c.intermediateSize, bias: false, initialize: false)
+        down_proj = try Linear(c.intermediateSize, c.hiddenSize, bias: false, initialize: false)
+        super.init()
+        register("gate_proj", gate_proj)
+        register("up_proj", up_proj)
+        register("down_proj", down_proj)
+    }
+    func callAsFunction(_ x: Tensor) throws -> Tensor { try down_proj(gate_proj(x).silu() * up_proj(x)) }
+}
+
+public final class LlamaDecoderLayer: Module {
+    public let self_attn: LlamaAttention, mlp: LlamaMLP
+    public let input_layernorm: RMSNorm, post_attention_layernorm: RMSNorm
+
+    init(_ c: LlamaConfig) throws {
+        self_attn = try LlamaAttention(c)
+        mlp = try LlamaMLP(c)
+        input_layernorm = try RMSNorm(c.hiddenSize, eps: c.rmsNormEps)
+        post_attention_layernorm = try RMSNorm(c.hiddenSize, eps: c.rmsNormEps)
+        super.init()
+        register("self_attn", self_attn)
+        register("mlp", mlp)
+        register("input_layernorm", input_layernorm)
+        register("post_attention_layernorm", post_attention_layernorm)
+    }
+
+    public func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
+        let h = try x + self_attn(input_layernorm(x), cos: cos, sin: sin, mask: mask, cache: cache, layer: layer)
+        return try h + mlp(post_attention_layernorm(h))
+    }
+}
+
+/// The `model.` part of a Llama/Qwen2 checkpoint: embeddings, decoder layers, final norm.
+public final class LlamaModel: Module {
+    public let embed_tokens: Embedding, layers: [LlamaDecoderLayer], norm: RMSNorm
+    init(_ c: LlamaConfig) throws {
+        embed_tokens = try Embedding(c.vocabSize, c.hiddenSize, initialize: false)
+        layers = try (0..<c.numHiddenLayers).map { _ in try LlamaDecoderLayer(c) }
+        norm = try RMSNorm(c.hiddenSize, eps: c.rmsNormEps)
+        super.init()
+        register("embed_tokens", embed_tokens)
+        let list = Module()
+        for (i, l) in layers.enumerated() { list.register("\(i)", l) }
+        register("layers", list)
+        register("norm", norm)
+    }
+}
+
+/// LlamaForCausalLM / Qwen2ForCausalLM (SmolLM2 is a Llama).
+public final class LlamaForCausalLM: Module, CausalLM {
+    public let config: LlamaConfig
+    public let model: LlamaModel
+    public let lmHead: Tensor
+    let rotary: Rotary
+
+    public init(_ config: LlamaConfig) throws {
+        self.config = config
+        model = try LlamaModel(config)
+        rotary = try Rotary(headDim: config.resolvedHeadDim, theta: config.ropeTheta)
+        lmHead = config.tieWordEmbeddings ? model.embed_tokens.weight : try Tensor.empty([config.vocabSize, config.hiddenSize])
+        super.init()
+        register("model", model)
+        if !config.tieWordEmbeddings {
+            let head = Module()
+            head.register("weight", lmHead)
+            register("lm_head", head)
+        }
+    }
+
+    public var layerCount: Int { config.numHiddenLayers }
+    public var hiddenSize: Int { config.hiddenSize }
+    public var vocabSize: Int { config.vocabSize }
+
+    public func embed(_ ids: Tensor) throws -> Tensor { try model.embed_tokens(ids) }
+
+    public func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
+        let (b, t) = (embeddings.size(0), embeddings.size(1))
+        let past = cache?.length ?? 0
+        var validKeys: Tensor? = nil
+        if let cache {
+            if valid != nil || cache.valid != nil {
+                let old = try cache.validPrefix ?? Tensor.ones([b, past], dtype: .bool)
+                validKeys = try Tensor.cat([old, valid ?? Tensor.ones([b, t], dtype: .bool)], dim: 1)
+            }
+        } else {
+            validKeys = valid
+        }
+        let mask = try attentionMask(batch: b, newTokens: t, past: past, validKeys: validKeys)
+        let (cos, sin) = try rotary.cosSin(positions)
+        var h = embeddings
+        for (i, layer) in model.layers.enumerated() {
+            h = try layer(h, cos: cos, sin: sin, mask: mask, cache: cache, layer: i)
+        }
+        if let cache { try cache.advance(t, validNew: valid) }
+        return try model.norm(h)
+    }
+
+    public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, lmHead) }
+
+    /// Convenience: logits for token ids [B, T] (no cache, positions 0..<T).
+    public func callAsFunction(_ ids: Tensor) throws -> Tensor {
+        let t = ids.size(1)
+        let pos = try Tensor.arange(t).unsqueeze(0).expand([ids.size(0), t])
+        return try logits(forward(embeddings: embed(ids), positions: pos, cache: nil, valid: nil))
+    }
+}

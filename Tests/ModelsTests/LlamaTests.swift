@@ -1,0 +1,184 @@
+import Foundation
+import XCTest
+@testable import Models
+@testable import Torch
+
+let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Fixtures")
+let repoRoot = fixtures.deletingLastPathComponent().deletingLastPathComponent()
+
+/// Reads `fixtures.json` + `fixtures.bin` written by scripts/reference/lm_fixtures.py.
+struct BinFixture {
+    let json: [String: Any]
+    let bin: Data
+    init(_ dir: URL) throws {
+        json = try JSONSerialization.jsonObject(with: Data(contentsOf: dir.appendingPathComponent("fixtures.json"))) as! [String: Any]
+        bin = try Data(contentsOf: dir.appendingPathComponent("fixtures.bin"))
+    }
+    func array(_ ref: Any?) throws -> Tensor {
+        let r = ref as! [String: Any]
+        let offset = r["offset"] as! Int, shape = r["shape"] as! [Int]
+        let n = shape.reduce(1, *)
+        return try bin.subdata(in: offset..<(offset + 4 * n)).withUnsafeBytes { try Tensor(bytes: $0, dtype: .float32, shape: shape) }
+    }
+}
+
+func maxAbsDiff(_ a: Tensor, _ b: Tensor) throws -> Double { try (a - b).abs().max().item() }
+func ids(_ xs: [Int]) throws -> Tensor { try Tensor(xs.map { Int64($0) }, shape: [1, xs.count]) }
+
+final class LlamaTests: XCTestCase {
+    func checkTiny(_ name: String) throws {
+        let dir = fixtures.appendingPathComponent("lm/\(name)")
+        let model = try LMLoader.loadHFModel(dir)
+        let fx = try BinFixture(dir)
+        try noGrad {
+            for seq in fx.json["sequences"] as! [[String: Any]] {
+                let input = seq["input_ids"] as! [Int]
+                let logits = try model(ids(input)).squeeze(0)
+                let d = try maxAbsDiff(logits, fx.array(seq["logits"]))
+                XCTAssertLessThan(d, 1e-4, "\(name) \(seq["name"]!): max abs logits diff \(d)")
+                let gen = TextGenerator(lm: model, tokenizer: try tinyTokenizer(), stopIds: [])
+                let out = try gen.generate(prompt: input, params: .greedy(maxTokens: 10))[0]
+                XCTAssertEqual(out.tokens, seq["greedy10_ids"] as! [Int], "\(name) greedy continuation")
+            }
+            // Left-padded batch: logits at the valid positions equal the reference.
+            let batch = fx.json["batched_left_padded"] as! [String: Any]
+            let rows = batch["rows"] as! [[String: Any]]
+            let prompts = rows.map { $0["input_ids"] as! [Int] }
+            let maxLen = prompts.map(\.count).max()!
+            var embeds: [Tensor] = [], valid: [Bool] = [], pos: [Int64] = []
+            for p in prompts {
+                let pad = maxLen - p.count
+                embeds.append(try model.embed(ids(Array(repeating: 0, count: pad) + p)))
+                valid += Array(repeating: false, count: pad) + Array(repeating: true, count: p.count)
+                pos += Array(repeating: 0, count: pad) + (0..<p.count).map { Int64($0) }
+            }
+            let hidden = try model.forward(embeddings: Tensor.cat(embeds, dim: 0), positions: Tensor(pos, shape: [prompts.count, maxLen]),
+                                           cache: nil, valid: Tensor(valid, shape: [prompts.count, maxLen]))
+            let logits = try model.logits(hidden)
+            for (i, row) in rows.enumerated() {
+                let start = row["valid_start"] as! Int
+                let mine = try logits.select(dim: 0, index: i).narrow(dim: 0, start: start, length: maxLen - start)
+                let d = try maxAbsDiff(mine, fx.array(row["logits_valid"]))
+                XCTAssertLessThan(d, 1e-4, "\(name) padded row \(i): \(d)")
+            }
+            // Batched generation through the engine matches the single-sequence reference.
+            let gen = TextGenerator(lm: model, tokenizer: try tinyTokenizer(), stopIds: [])
+            let outs = try gen.generateBatch(prompts: prompts, params: .greedy(maxTokens: 10))
+            for (o, row) in zip(outs, rows) { XCTAssertEqual(o.tokens, row["greedy10_ids_batched"] as! [Int], "\(name) batched greedy") }
+
+            // KV-cache decode equals the reference step logits and our own full recompute.
+            let kv = fx.json["kv_decode"] as! [String: Any]
+            let prompt = kv["prompt_ids"] as! [Int], fed = kv["fed_ids"] as! [Int]
+            let stepRef = try fx.array(kv["step_logits"])
+            let cache = KVCache(layers: model.layerCount, capacity: 8) // small on purpose: exercises growth
+            _ = try model.forward(embeddings: model.embed(ids(prompt)), positions: Tensor.arange(prompt.count).unsqueeze(0), cache: cache, valid: nil)
+            let full = try model(ids(prompt + fed)).squeeze(0)
+            for (s, tok) in fed.enumerated() {
+                let h = try model.forward(embeddings: model.embed(ids([tok])), positions: Tensor([Int64(prompt.count + s)], shape: [1, 1]), cache: cache, valid: nil)
+                let step = try model.logits(h).reshape([-1])
+                XCTAssertLessThan(try maxAbsDiff(step, stepRef.select(dim: 0, index: s)), 1e-4, "\(name) kv step \(s) vs HF")
+                XCTAssertLessThan(try maxAbsDiff(step, full.select(dim: 0, index: prompt.count + s)), 1e-4, "\(name) kv step \(s) vs recompute")
+            }
+        }
+    }
+
+    func tinyTokenizer() throws -> Tokenizer {
+        try Tokenizer(tokenizerJSON: fixtures.appendingPathComponent("tokenizer/qwen2/tokenizer.json"))
+    }
+
+    func testTinyLlamaParity() throws { try checkTiny("tiny-llama") }
+    func testTinyQwen2Parity() throws { try checkTiny("tiny-qwen2") }
+
+    func testWrongWeightsAreReported() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let src = fixtures.appendingPathComponent("lm/tiny-llama")
+        try FileManager.default.copyItem(at: src.appendingPathComponent("config.json"), to: dir.appendingPathComponent("config.json"))
+        var state = try SafeTensorsFile(url: src.appendingPathComponent("model.safetensors")).tensors()
+        state.removeValue(forKey: "model.layers.1.mlp.up_proj.weight")
+        state["model.norm.weight"] = try Tensor.ones([7])
+        try saveSafeTensors(state, to: dir.appendingPathComponent("model.safetensors"))
+        XCTAssertThrowsError(try LMLoader.loadHFModel(dir)) { e in
+            let msg = "\(e)"
+            XCTAssertTrue(msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("model.norm.weight"), msg)
+        }
+        try Data("{\"hidden_size\": 3}".utf8).write(to: dir.appendingPathComponent("config.json"))
+        XCTAssertThrowsError(try LMLoader.loadHFModel(dir)) { XCTAssertTrue("\($0)".contains("config.json")) }
+    }
+}
+
+/// The real SmolLM2-135M-Instruct GGUF against transformers' output for the same file.
+final class SmolLM2Tests: XCTestCase {
+    nonisolated(unsafe) static var shared: LanguageModel?
+    func lm() throws -> LanguageModel {
+        let path = LMLoader.defaultLMPath(repoRoot: repoRoot)
+        guard FileManager.default.fileExists(atPath: path.path) else { throw XCTSkip("run make setup: \(path.path) missing") }
+        if let m = Self.shared { return m }
+        let m = try LMLoader.load(path)
+        Self.shared = m
+        return m
+    }
+    var reference: [String: Any] {
+        get throws { try JSONSerialization.jsonObject(with: Data(contentsOf: fixtures.appendingPathComponent("lm/smollm2_logits.json"))) as! [String: Any] }
+    }
+
+    func testConfigAndUnpermutedQK() throws {
+        let m = try lm()
+        XCTAssertEqual(m.model.config.numHiddenLayers, 30)
+        XCTAssertEqual(m.model.config.ropeTheta, 100_000)
+        XCTAssertTrue(m.model.config.tieWordEmbeddings)
+        let qk = try reference["qk_permutation"] as! [String: Any]
+        let attn = m.model.model.layers[0].self_attn
+        for (key, t, row) in [("hf_q_proj_row0_first8", attn.q_proj.weight, 0), ("hf_q_proj_row1_first8", attn.q_proj.weight, 1),
+                              ("hf_k_proj_row0_first8", attn.k_proj.weight, 0)] {
+            let mine = try t.select(dim: 0, index: row).narrow(dim: 0, start: 0, length: 8).floats()
+            let ref = (qk[key] as! [Double]).map { Float($0) }
+            for (a, b) in zip(mine, ref) { XCTAssertEqual(a, b, accuracy: 1e-6, key) }
+        }
+    }
+
+    func testTokensAndLogitsMatchTransformers() throws {
+        let m = try lm()
+        for p in try reference["prompts"] as! [[String: Any]] {
+            let name = p["name"] as! String
+            let input = p["input_ids"] as! [Int]
+            XCTAssertEqual(m.tokenizer.encode(p["text"] as! String), input, "\(name): token ids")
+            let logits = try noGrad { try m.model(ids(input)).select(dim: 0, index: 0).select(dim: 0, index: input.count - 1) }
+            let refIds = p["last_logits_top20_ids"] as! [Int], refVals = p["last_logits_top20_values"] as! [Double]
+            let (vals, top) = try logits.topk(20)
+            XCTAssertEqual(try top.ints(), refIds, "\(name): top-20 ids")
+            for (a, b) in zip(try vals.doubles(), refVals) {
+                XCTAssertLessThan(abs(a - b), 1e-3 * max(1, abs(b)), "\(name): top-20 logit \(a) vs \(b)")
+            }
+            let sum = try logits.to(.float64).sum().item(), ref = p["last_logits_sum"] as! Double
+            XCTAssertLessThan(abs(sum - ref), 1e-4 * abs(ref) + 1, "\(name): logits checksum")
+            let gen = TextGenerator(lm: m.model, tokenizer: m.tokenizer, stopIds: [])
+            let out = try gen.generate(prompt: input, params: .greedy(maxTokens: 12))[0]
+            XCTAssertEqual(out.tokens, p["greedy12_ids"] as! [Int], "\(name): greedy continuation")
+        }
+    }
+
+    func testChatAnswersParisAndFanOutIsReproducible() throws {
+        let m = try lm()
+        let prompt = m.tokenizer.encode(m.template.render([.user("What is the capital of France?")], addGenerationPrompt: true))
+        let gen = TextGenerator(lm: m.model, tokenizer: m.tokenizer, stopIds: m.stopIds)
+        var streamed = ""
+        let greedy = try gen.generate(prompt: prompt, params: .greedy(maxTokens: 24)) { streamed += $0 }[0]
+        XCTAssertTrue(greedy.text.contains("Paris"), greedy.text)
+        XCTAssertEqual(streamed, greedy.text)
+        let params = SamplingParams(temperature: 1, topP: 0.95, maxTokens: 6, seed: 11)
+        let a = try gen.generate(prompt: prompt, samples: 8, params: params)
+        let b = try gen.generate(prompt: prompt, samples: 8, params: params)
+        XCTAssertEqual(a.map(\.tokens), b.map(\.tokens))
+        XCTAssertGreaterThan(Set(a.map(\.tokens)).count, 1, "samples differ from each other")
+        // Fan-out samples are real samples of the prompt: each token's log-prob matches a
+        // recompute of the full sequence.
+        let seq = prompt + a[3].tokens
+        let logp = try noGrad { try m.model(ids(seq)).squeeze(0).logSoftmax(dim: -1) }
+        for (i, tok) in a[3].tokens.enumerated() {
+            let ref = try logp.select(dim: 0, index: prompt.count - 1 + i).select(dim: 0, index: tok).item()
+            XCTAssertEqual(Double(a[3].logprobs[i]), ref, accuracy: 1e-3)
+        }
+    }
+}
