@@ -38,7 +38,8 @@ let package = Package(
         .target(name: "Torch", dependencies: ["CTorch"]),
         .systemLibrary(name: "CPNG", path: "Sources/CPNG"),
         .systemLibrary(name: "CJPEG", path: "Sources/CJPEG"),
-        .target(name: "Models", dependencies: ["Torch", "CPNG", "CJPEG"]),
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
+        .target(name: "Models", dependencies: ["Torch", "CPNG", "CJPEG", "CZlib"]),
         .target(name: "TTRV", dependencies: ["Models"]),
         .executableTarget(
             name: "ttrv",

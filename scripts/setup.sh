@@ -18,7 +18,7 @@ WHEELS=(
   "easy-vqa==1.0                     easy-vqa"
 )
 # Debian packages (installed with apt-get as root).
-DEBS=(libpng-dev libjpeg62-turbo-dev dataset-fashion-mnist)
+DEBS=(libpng-dev libjpeg62-turbo-dev zlib1g-dev dataset-fashion-mnist)
 
 log() { printf '[setup] %s\n' "$*"; }
 

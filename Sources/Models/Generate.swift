@@ -56,21 +56,28 @@ public struct TextGenerator {
     }
 
     /// As `generate(prompt:)` for a prompt already embedded ([1, T, hidden]; VLMs splice image
-    /// embeddings in). Positions are 0..<T.
-    public func generate(promptEmbeddings: Tensor, samples: Int = 1, params: SamplingParams, onText: ((String) -> Void)? = nil) throws -> [Completion] {
+    /// embeddings in). `positions` default to 0..<T and decoding continues at `nextPosition`
+    /// (default T); multimodal-RoPE models pass their own.
+    public func generate(promptEmbeddings: Tensor, positions: Tensor? = nil, nextPosition: Int? = nil, samples: Int = 1,
+                         params: SamplingParams, onText: ((String) -> Void)? = nil) throws -> [Completion] {
         try noGrad {
             let t = promptEmbeddings.size(1)
             let cache = KVCache(layers: lm.layerCount, capacity: t + params.maxTokens + 1)
-            let pos = try Tensor.arange(t).unsqueeze(0)
+            let pos = try positions ?? Tensor.arange(t).unsqueeze(0)
             let hidden = try lm.forward(embeddings: promptEmbeddings, positions: pos, cache: cache, valid: nil)
             var logits = try lm.logits(hidden.narrow(dim: 1, start: hidden.size(1) - 1, length: 1)).squeeze(1)
             if samples > 1 {
                 try cache.selectRows(Array(repeating: 0, count: samples))
                 logits = try logits.expand([samples, logits.size(1)])
             }
-            return try decode(cache: cache, firstLogits: logits, nextPositions: Array(repeating: t, count: samples),
+            return try decode(cache: cache, firstLogits: logits, nextPositions: Array(repeating: nextPosition ?? t, count: samples),
                               params: params, onText: onText)
         }
+    }
+
+    public func generate(_ prompt: PreparedPrompt, samples: Int = 1, params: SamplingParams, onText: ((String) -> Void)? = nil) throws -> [Completion] {
+        try generate(promptEmbeddings: prompt.embeddings, positions: prompt.positions, nextPosition: prompt.nextPosition,
+                     samples: samples, params: params, onText: onText)
     }
 
     /// One continuation per prompt, prompts of different lengths prefilled together (left padding).

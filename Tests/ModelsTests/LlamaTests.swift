@@ -3,10 +3,10 @@ import XCTest
 @testable import Models
 @testable import Torch
 
-let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Fixtures")
-let repoRoot = fixtures.deletingLastPathComponent().deletingLastPathComponent()
+let fixturesRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Fixtures")
+let repoRoot = fixturesRoot.deletingLastPathComponent().deletingLastPathComponent()
 
-/// Reads `fixtures.json` + `fixtures.bin` written by scripts/reference/lm_fixtures.py.
+/// Reads `fixturesRoot.json` + `fixturesRoot.bin` written by scripts/reference/lm_fixtures.py.
 struct BinFixture {
     let json: [String: Any]
     let bin: Data
@@ -27,7 +27,7 @@ func ids(_ xs: [Int]) throws -> Tensor { try Tensor(xs.map { Int64($0) }, shape:
 
 final class LlamaTests: XCTestCase {
     func checkTiny(_ name: String) throws {
-        let dir = fixtures.appendingPathComponent("lm/\(name)")
+        let dir = fixturesRoot.appendingPathComponent("lm/\(name)")
         let model = try LMLoader.loadHFModel(dir)
         let fx = try BinFixture(dir)
         try noGrad {
@@ -83,7 +83,7 @@ final class LlamaTests: XCTestCase {
     }
 
     func tinyTokenizer() throws -> Tokenizer {
-        try Tokenizer(tokenizerJSON: fixtures.appendingPathComponent("tokenizer/qwen2/tokenizer.json"))
+        try Tokenizer(tokenizerJSON: fixturesRoot.appendingPathComponent("tokenizer/qwen2/tokenizer.json"))
     }
 
     func testTinyLlamaParity() throws { try checkTiny("tiny-llama") }
@@ -93,7 +93,7 @@ final class LlamaTests: XCTestCase {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        let src = fixtures.appendingPathComponent("lm/tiny-llama")
+        let src = fixturesRoot.appendingPathComponent("lm/tiny-llama")
         try FileManager.default.copyItem(at: src.appendingPathComponent("config.json"), to: dir.appendingPathComponent("config.json"))
         var state = try SafeTensorsFile(url: src.appendingPathComponent("model.safetensors")).tensors()
         state.removeValue(forKey: "model.layers.1.mlp.up_proj.weight")
@@ -120,7 +120,7 @@ final class SmolLM2Tests: XCTestCase {
         return m
     }
     var reference: [String: Any] {
-        get throws { try JSONSerialization.jsonObject(with: Data(contentsOf: fixtures.appendingPathComponent("lm/smollm2_logits.json"))) as! [String: Any] }
+        get throws { try JSONSerialization.jsonObject(with: Data(contentsOf: fixturesRoot.appendingPathComponent("lm/smollm2_logits.json"))) as! [String: Any] }
     }
 
     func testConfigAndUnpermutedQK() throws {
