@@ -1,5 +1,7 @@
 # `make test` and `make demo` set up on first use (and again when scripts/setup.sh changes).
 SWIFT ?= swift
+# Passive OpenMP waiting: spinning threads are many times slower on a shared machine.
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := .deps/.stamp
 RELEASE := .build/release/ttrv
 

@@ -14,16 +14,37 @@ public final class KVCache {
     /// [batch, capacity] bool; nil while every position is valid.
     public private(set) var valid: Tensor?
     let layers: Int
+    /// Keeps autograd history: keys/values are concatenated instead of copied into storage.
+    /// Training uses it to run a prompt once and many responses against it, with gradients
+    /// flowing back through the shared prompt once.
+    public let differentiable: Bool
 
-    public init(layers: Int, capacity: Int) {
+    public init(layers: Int, capacity: Int, differentiable: Bool = false) {
         self.layers = layers
         self.capacity = capacity
+        self.differentiable = differentiable
     }
 
     /// Writes the new keys/values of `layer` after the cached ones and returns everything
     /// cached so far for that layer (views).
     func append(layer: Int, k: Tensor, v: Tensor) throws -> (Tensor, Tensor) {
         let n = k.size(2)
+        if differentiable {
+            if keys.count <= layer {
+                batch = k.size(0)
+                keys.append(k)
+                values.append(v)
+            } else {
+                // A batch-1 prefix is broadcast to the responses' batch (no copy until cat).
+                func widen(_ t: Tensor) throws -> Tensor {
+                    t.size(0) == k.size(0) ? t : try t.expand([k.size(0)] + Array(t.shape.dropFirst()))
+                }
+                keys[layer] = try Tensor.cat([widen(keys[layer]), k], dim: 2)
+                values[layer] = try Tensor.cat([widen(values[layer]), v], dim: 2)
+                batch = k.size(0)
+            }
+            return (keys[layer], values[layer])
+        }
         if keys.count < layers {
             batch = k.size(0)
             let shape = [k.size(0), k.size(1), capacity, k.size(3)]
@@ -43,6 +64,11 @@ public final class KVCache {
 
     /// Called once per forward pass, after every layer has appended `n` positions.
     func advance(_ n: Int, validNew: Tensor? = nil) throws {
+        if differentiable {
+            guard validNew == nil else { throw ModelError("padding masks are not supported in a differentiable cache") }
+            length += n
+            return
+        }
         if let validNew {
             if valid == nil { valid = try Tensor.ones([batch, capacity], dtype: .bool) }
             try valid!.narrow(dim: 1, start: length, length: n).copy_(validNew)

@@ -1,0 +1,177 @@
+import Foundation
+import Torch
+
+/// A frozen image encoder that turns an image into a short sequence of feature vectors.
+public protocol ImageEncoder: AnyObject {
+    var featureDim: Int { get }
+    /// [1, K, featureDim] for one image (no gradient: the encoder is frozen).
+    func encode(_ image: Image) throws -> Tensor
+}
+
+/// The default VLM's configuration (`config.json` of a composed model directory).
+public struct ComposedConfig: Codable, Sendable {
+    public var modelType = "ttrv-composed"
+    /// "efficientnet-lite0" (the installed package) or a path to a .pth file.
+    public var vision = "efficientnet-lite0"
+    /// Encoder input size in pixels (the feature map, and so the token count, follows from it).
+    public var imageSize = 112
+    /// "default-lm" (the installed SmolLM2 GGUF) or a path to a GGUF file / HF directory.
+    public var languageModel = "default-lm"
+    public var projectorHidden = 576
+    /// LoRA on the decoder; nil when the decoder is not adapted.
+    public var loraRank: Int?
+    public var loraAlpha: Double?
+    public var systemPrompt: String?
+
+    enum CodingKeys: String, CodingKey {
+        case modelType = "model_type", vision, imageSize = "image_size", languageModel = "language_model"
+        case projectorHidden = "projector_hidden", loraRank = "lora_rank", loraAlpha = "lora_alpha", systemPrompt = "system_prompt"
+    }
+    public init() {}
+}
+
+/// LLaVA-style two-layer MLP from image features to decoder embeddings.
+public final class Projector: Module {
+    public let linear_1: Linear, linear_2: Linear
+    public init(inFeatures: Int, hidden: Int, outFeatures: Int, seed: UInt64) throws {
+        let g = Generator(seed: seed)
+        linear_1 = try Linear(inFeatures, hidden, generator: g)
+        linear_2 = try Linear(hidden, outFeatures, generator: g)
+        super.init()
+        register("linear_1", linear_1)
+        register("linear_2", linear_2)
+    }
+    public func callAsFunction(_ x: Tensor) throws -> Tensor { try linear_2(linear_1(x).gelu()) }
+}
+
+/// Vision encoder → projector → image embeddings spliced into the decoder's input at the
+/// chat template's image placeholder. Only the projector (and LoRA adapters, if any) are
+/// stored in the model directory; the pretrained parts are referenced by name.
+public final class ComposedVLM: VisionLanguageModel {
+    public let config: ComposedConfig
+    public let encoder: ImageEncoder
+    public let language: LanguageModel
+    public let projector: Projector
+    public let module: Module
+    /// Encoder features per image: the encoder is frozen, so each image is encoded once.
+    private var featureCache: [ImageKey: Tensor] = [:]
+    private let cacheLock = NSLock()
+
+    public var lm: CausalLM { language.model }
+    public var tokenizer: Tokenizer { language.tokenizer }
+    public var stopIds: Set<Int> { language.stopIds }
+
+    public init(config: ComposedConfig, encoder: ImageEncoder, language: LanguageModel, seed: UInt64 = 0) throws {
+        self.config = config
+        self.encoder = encoder
+        self.language = language
+        projector = try Projector(inFeatures: encoder.featureDim, hidden: config.projectorHidden,
+                                  outFeatures: language.model.hiddenSize, seed: seed)
+        if let r = config.loraRank { try language.model.addLoRA(rank: r, alpha: config.loraAlpha, seed: seed) }
+        module = Module()
+        module.register("language_model", language.model)
+        module.register("multi_modal_projector", projector)
+    }
+
+    /// The weights this model adds to its pretrained parts (saved in the model directory).
+    public var ownParameters: [(name: String, tensor: Tensor)] {
+        module.namedParameters().filter { $0.name.hasPrefix("multi_modal_projector.") || $0.name.contains(".lora_") }
+    }
+
+    public func imageEmbeddings(_ image: Image) throws -> Tensor {
+        let key = ImageKey(image)
+        cacheLock.lock()
+        let cached = featureCache[key]
+        cacheLock.unlock()
+        let feats: Tensor
+        if let cached { feats = cached } else {
+            feats = try noGrad { try encoder.encode(image) }
+            cacheLock.lock()
+            featureCache[key] = feats
+            cacheLock.unlock()
+        }
+        return try projector(feats)
+    }
+
+    public func prepare(text: String, image: Image?, system: String?) throws -> PreparedPrompt {
+        let placeholder = language.template.imagePlaceholder
+        var content = text
+        if image != nil, !content.contains(placeholder) { content = placeholder + "\n" + content }
+        var messages: [ChatMessage] = []
+        if let s = system ?? config.systemPrompt { messages.append(.system(s)) }
+        messages.append(.user(content))
+        let rendered = language.template.render(messages, addGenerationPrompt: true)
+        let pieces = rendered.components(separatedBy: placeholder)
+        guard image != nil || pieces.count == 1 else { throw ModelError("prompt has an image placeholder but no image was given") }
+        guard pieces.count <= 2 else { throw ModelError("prompt has \(pieces.count - 1) image placeholders; one image per prompt is supported") }
+        var parts: [Tensor] = [], ids: [Int] = []
+        for (i, piece) in pieces.enumerated() {
+            if i > 0, let image {
+                let e = try imageEmbeddings(image)
+                parts.append(e)
+                ids += Array(repeating: -1, count: e.size(1))
+            }
+            let t = tokenizer.encode(piece)
+            guard !t.isEmpty else { continue }
+            parts.append(try lm.embed(Tensor(t.map { Int64($0) }, shape: [1, t.count])))
+            ids += t
+        }
+        let emb = try parts.count == 1 ? parts[0] : Tensor.cat(parts, dim: 1)
+        return PreparedPrompt(embeddings: emb, positions: try Tensor.arange(ids.count).unsqueeze(0), nextPosition: ids.count, tokenIds: ids)
+    }
+
+    // MARK: files
+
+    public static func load(_ dir: URL, root: URL = Paths.repoRoot) throws -> ComposedVLM {
+        let configURL = dir.appendingPathComponent("config.json")
+        let config: ComposedConfig
+        do { config = try JSONDecoder().decode(ComposedConfig.self, from: Data(contentsOf: configURL)) } catch {
+            throw ModelError("\(configURL.path): not a composed VLM config (\(error))")
+        }
+        let vlm = try create(config, root: root)
+        let weights = dir.appendingPathComponent("model.safetensors")
+        let state = try SafeTensorsFile(url: weights).tensors(as: .float32)
+        let own = Dictionary(uniqueKeysWithValues: vlm.ownParameters.map { ($0.name, $0.tensor) })
+        let missing = own.keys.filter { state[$0] == nil }.sorted()
+        let unexpected = state.keys.filter { own[$0] == nil }.sorted()
+        guard missing.isEmpty, unexpected.isEmpty else {
+            throw ModelError("\(weights.path): missing \(missing.prefix(5)) unexpected \(unexpected.prefix(5))")
+        }
+        try noGrad {
+            for (name, t) in own {
+                guard state[name]!.shape == t.shape else { throw ModelError("\(weights.path): \(name) has shape \(state[name]!.shape), expected \(t.shape)") }
+                try t.copy_(state[name]!)
+            }
+        }
+        return vlm
+    }
+
+    /// A fresh model (random projector) from a configuration.
+    public static func create(_ config: ComposedConfig, root: URL = Paths.repoRoot, seed: UInt64 = 0) throws -> ComposedVLM {
+        let lmURL = config.languageModel == "default-lm" ? LMLoader.defaultLMPath(repoRoot: root) : URL(fileURLWithPath: config.languageModel)
+        let language = try LMLoader.load(lmURL)
+        let encoder = try makeImageEncoder(config.vision, imageSize: config.imageSize, root: root)
+        return try ComposedVLM(config: config, encoder: encoder, language: language, seed: seed)
+    }
+
+    /// Writes config.json and model.safetensors (projector + LoRA) atomically.
+    public func save(to dir: URL, metadata: [String: String] = [:]) throws {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(config).write(to: dir.appendingPathComponent("config.json"), options: .atomic)
+        try saveSafeTensors(Dictionary(uniqueKeysWithValues: ownParameters.map { ($0.name, $0.tensor) }), metadata: metadata,
+                            to: dir.appendingPathComponent("model.safetensors"))
+    }
+}
+
+/// Identity of an image's pixels, for the feature cache.
+struct ImageKey: Hashable {
+    let width: Int, height: Int, channels: Int, pixels: [UInt8]
+    init(_ i: Image) {
+        width = i.width
+        height = i.height
+        channels = i.channels
+        pixels = i.pixels
+    }
+}

@@ -1,0 +1,146 @@
+import Foundation
+import Models
+import Torch
+
+/// A single-line progress display with rate and ETA (stderr; one line per update when not a TTY).
+public final class Progress {
+    let label: String, total: Int
+    let start = Date()
+    var lastPrint = Date.distantPast
+    let tty = isatty(2) != 0
+
+    public init(_ label: String, total: Int) {
+        self.label = label
+        self.total = total
+    }
+
+    public func update(_ done: Int, _ extra: String = "", force: Bool = false) {
+        let now = Date()
+        guard force || done == total || now.timeIntervalSince(lastPrint) > (tty ? 0.2 : 5) else { return }
+        lastPrint = now
+        let elapsed = now.timeIntervalSince(start)
+        let rate = elapsed > 0 ? Double(done) / elapsed : 0
+        let eta = rate > 0 ? Double(total - done) / rate : 0
+        let pct = total > 0 ? 100 * done / total : 100
+        let line = "[\(label)] \(done)/\(total) \(pct)% \(String(format: "%.2f", rate))/s elapsed \(Self.clock(elapsed)) ETA \(Self.clock(eta)) \(extra)"
+        FileHandle.standardError.write(((tty ? "\r\u{1B}[K" : "") + line + (tty && done < total ? "" : "\n")).data(using: .utf8)!)
+    }
+
+    public static func clock(_ s: Double) -> String {
+        let t = Int(s.rounded())
+        return t >= 3600 ? String(format: "%dh%02dm", t / 3600, t / 60 % 60) : String(format: "%dm%02ds", t / 60, t % 60)
+    }
+}
+
+public struct EvalOptions: Sendable {
+    public var limit: Int?
+    /// Also draw this many samples per item (T=1) for maj@N and pass@N; 0 = greedy only.
+    public var votes = 0
+    public var batchSize = 16
+    public var maxTokens = 16
+    public var answerMode: AnswerStyle = .strict
+    public var seed: UInt64 = 0
+    public init() {}
+}
+
+/// How replies become answers: `.strict` (a valid option only) or the reference's parser.
+public enum AnswerStyle: String, Codable, Sendable { case strict, reference }
+
+public struct ItemPrediction: Codable, Sendable {
+    public var id: String
+    public var answer: String?
+    public var response: String
+    public var prediction: String?
+    public var correct: Bool
+    public var majority: String?
+    public var majorityCorrect: Bool?
+    public var passAtN: Bool?
+}
+
+public struct EvalReport: Codable, Sendable {
+    public var dataset: String
+    public var model: String
+    public var items: Int
+    /// Greedy pass@1 accuracy in 0–1 (the reference's metric).
+    public var accuracy: Double
+    public var invalidShare: Double
+    public var majAccuracy: Double?
+    public var passAtN: Double?
+    public var votes: Int
+    public var seconds: Double
+    public var imagesPerSecond: Double
+    public var predictions: [ItemPrediction]
+
+    enum CodingKeys: String, CodingKey {
+        case dataset, model, items, accuracy, invalidShare = "invalid_share", majAccuracy = "maj_accuracy"
+        case passAtN = "pass_at_n", votes, seconds, imagesPerSecond = "images_per_s", predictions
+    }
+}
+
+/// The answer a reply gives for `item` under `style` (nil = invalid).
+func answerOf(_ c: Completion, item: Item, style: AnswerStyle) -> String? {
+    switch style {
+    case .strict: return extractAnswer(c.text, mode: item.answerMode)
+    case .reference:
+        // The reference decodes with special tokens kept: a reply ending on the stop token
+        // carries it (an empty reply is the literal "<|im_end|>").
+        return extractReferenceAnswer(c.finish == .stop ? c.text + "<|im_end|>" : c.text)
+    }
+}
+
+func isCorrect(_ prediction: String?, _ item: Item) -> Bool {
+    guard let p = prediction, let a = item.answer else { return false }
+    if item.options != nil { return p == a }
+    return p == normalizeOpenAnswer(a)
+}
+
+public enum Evaluator {
+    public static func run(_ vlm: VisionLanguageModel, dataset: Dataset, modelName: String, options: EvalOptions,
+                           progressLabel: String = "eval") throws -> EvalReport {
+        let items = Array(dataset.items.prefix(options.limit ?? dataset.items.count))
+        let gen = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
+        let progress = Progress(progressLabel, total: items.count)
+        var preds: [ItemPrediction] = []
+        var correct = 0, invalid = 0, majCorrect = 0, passN = 0
+        let t0 = Date()
+        for start in stride(from: 0, to: items.count, by: options.batchSize) {
+            let chunk = Array(items[start..<min(items.count, start + options.batchSize)])
+            let prompts = try noGrad { try chunk.map { try vlm.prepare(text: $0.prompt, image: $0.image?.load(), system: nil) } }
+            let outs = try gen.generateBatch(promptEmbeddings: prompts.map(\.embeddings), params: .greedy(maxTokens: options.maxTokens))
+            for (k, (item, out)) in zip(chunk, outs).enumerated() {
+                let pred = answerOf(out, item: item, style: options.answerMode)
+                var p = ItemPrediction(id: item.id, answer: item.answer, response: out.text, prediction: pred, correct: isCorrect(pred, item))
+                if p.correct { correct += 1 }
+                if extractAnswer(out.text, mode: item.answerMode) == nil { invalid += 1 }
+                if options.votes > 0 {
+                    let samples = try gen.generate(prompts[k], samples: options.votes,
+                                                   params: SamplingParams(temperature: 1, maxTokens: options.maxTokens, seed: options.seed &+ UInt64(start + k)))
+                    let answers = samples.map { answerOf($0, item: item, style: options.answerMode) }
+                    let vote = voteRewards(answers: answers, entropyCoef: 0, denominator: .allVotes)
+                    p.majority = vote.majority
+                    p.majorityCorrect = isCorrect(vote.majority, item)
+                    p.passAtN = answers.contains { isCorrect($0, item) }
+                    if p.majorityCorrect! { majCorrect += 1 }
+                    if p.passAtN! { passN += 1 }
+                }
+                preds.append(p)
+            }
+            progress.update(preds.count, String(format: "acc %.3f", Double(correct) / Double(preds.count)))
+        }
+        let n = max(1, items.count)
+        let secs = Date().timeIntervalSince(t0)
+        return EvalReport(dataset: dataset.name, model: modelName, items: items.count, accuracy: Double(correct) / Double(n),
+                          invalidShare: Double(invalid) / Double(n),
+                          majAccuracy: options.votes > 0 ? Double(majCorrect) / Double(n) : nil,
+                          passAtN: options.votes > 0 ? Double(passN) / Double(n) : nil, votes: options.votes,
+                          seconds: secs, imagesPerSecond: Double(items.count) / max(secs, 1e-9), predictions: preds)
+    }
+}
+
+/// JSON written atomically with sorted keys.
+public func writeJSON<T: Encodable>(_ value: T, to url: URL) throws {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+    try enc.encode(value).write(to: url, options: .atomic)
+}

@@ -1,0 +1,73 @@
+import Foundation
+import Models
+import Torch
+
+/// The reference's loss settings (verl): PPO-clip with dual clip, token-mean, low_var_kl.
+public struct PolicyLossConfig: Sendable {
+    public var clip = 0.2
+    public var dualClip = 3.0
+    public var klCoef = 0.001
+    public init() {}
+}
+
+public enum GRPO {
+    /// log p(response token | prompt, earlier response tokens) for each response, [B, R], and the
+    /// mask of real tokens [B, R] (responses are right-padded to the longest).
+    ///
+    /// The prompt is run once at batch 1; the responses then run against its keys/values. With
+    /// autograd on, gradients reach the prompt (and the image embeddings in it) once, summed
+    /// over the responses, instead of once per response.
+    public static func sequenceLogprobs(lm: CausalLM, prompt: PreparedPrompt, responses: [[Int]], padId: Int) throws -> (Tensor, Tensor) {
+        let b = responses.count
+        let r = responses.map(\.count).max() ?? 0
+        guard b > 0, r > 0 else { throw DatasetError(message: "sequenceLogprobs: no response tokens") }
+        var tokens: [Int64] = [], mask: [Float] = []
+        for resp in responses {
+            tokens += resp.map { Int64($0) } + Array(repeating: Int64(padId), count: r - resp.count)
+            mask += Array(repeating: 1, count: resp.count) + Array(repeating: 0, count: r - resp.count)
+        }
+        let tok = try Tensor(tokens, shape: [b, r])
+        let cache = KVCache(layers: lm.layerCount, capacity: 0, differentiable: true)
+        let hPrompt = try lm.forward(embeddings: prompt.embeddings, positions: prompt.positions, cache: cache, valid: nil)
+        let last = try lm.logits(hPrompt.narrow(dim: 1, start: hPrompt.size(1) - 1, length: 1)).reshape([1, -1])
+        // The prompt's last position predicts every response's first token.
+        let first = try last.logSoftmax(dim: -1).expand([b, last.size(1)]).gather(dim: 1, index: tok.narrow(dim: 1, start: 0, length: 1))
+        var logp = first
+        if r > 1 {
+            let input = try tok.narrow(dim: 1, start: 0, length: r - 1)
+            let pos = try (Tensor.arange(r - 1).unsqueeze(0) + Double(prompt.nextPosition)).expand([b, r - 1])
+            let h = try lm.forward(embeddings: lm.embed(input), positions: pos, cache: cache, valid: nil)
+            let rest = try lm.logits(h).logSoftmax(dim: -1).gather(dim: 2, index: tok.narrow(dim: 1, start: 1, length: r - 1).unsqueeze(2)).squeeze(2)
+            logp = try Tensor.cat([first, rest], dim: 1)
+        }
+        return (logp, try Tensor(mask, shape: [b, r]))
+    }
+
+    /// Token-mean of `x` over `mask`.
+    public static func maskedMean(_ x: Tensor, _ mask: Tensor) throws -> Tensor {
+        try (x * mask).sum() / mask.sum().clamp(min: 1)
+    }
+
+    /// PPO-clip with dual clip (verl's compute_policy_loss): for A<0 the loss is capped at
+    /// −A·c so that a very large ratio cannot dominate. Returns (loss, fraction of clipped tokens).
+    public static func policyLoss(logp: Tensor, oldLogp: Tensor, advantages: Tensor, mask: Tensor,
+                                  config: PolicyLossConfig) throws -> (Tensor, Double) {
+        let adv = try advantages.unsqueeze(1)
+        let ratio = try (logp - oldLogp).clamp(min: -20, max: 20).exp()
+        let l1 = try adv.neg() * ratio
+        let l2 = try adv.neg() * ratio.clamp(min: 1 - config.clip, max: 1 + config.clip)
+        let clipped = try l1.maximum(l2)
+        let l3 = try adv.neg() * config.dualClip
+        let dual = try clipped.minimum(l3)
+        let losses = try Tensor.where(adv.lt(0), dual, clipped)
+        let clipFrac = try noGrad { try maskedMean(l2.gt(l1).to(.float32), mask).item() }
+        return (try maskedMean(losses, mask), clipFrac)
+    }
+
+    /// "low_var_kl" (k3 estimator) of the policy from the reference per token, clamped to
+    /// [−10, 10], token-mean.
+    public static func lowVarKL(logp: Tensor, refLogp: Tensor, mask: Tensor) throws -> Tensor {
+        let d = try refLogp - logp
+        return try maskedMean((d.exp() - d - 1).clamp(min: -10, max: 10), mask)
+    }
+}

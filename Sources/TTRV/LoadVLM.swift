@@ -1,0 +1,24 @@
+import Foundation
+import Models
+
+public enum VLMLoader {
+    /// The embedded default VLM (committed under models/).
+    public static var defaultModelDir: URL { Paths.repoRoot.appendingPathComponent("models/default-vlm") }
+
+    /// `default` or a model directory; the kind is read from its config.json.
+    public static func load(_ spec: String) throws -> VisionLanguageModel {
+        let dir = spec == "default" ? defaultModelDir : URL(fileURLWithPath: spec)
+        let configURL = dir.appendingPathComponent("config.json")
+        guard let data = try? Data(contentsOf: configURL) else {
+            throw DatasetError(message: "\(configURL.path): missing (expected a model directory or `default`)")
+        }
+        let type = (try? JSONSerialization.jsonObject(with: data) as? [String: Any])?["model_type"] as? String
+        switch type {
+        case "ttrv-composed": return try ComposedVLM.load(dir)
+        case "qwen2_5_vl": return try Qwen25VL.load(dir)
+        case "internvl", "internvl_chat": return try InternVL.load(dir)
+        default:
+            throw DatasetError(message: "\(configURL.path): model_type \(type ?? "(none)") is not a supported VLM (ttrv-composed, qwen2_5_vl, internvl, internvl_chat)")
+        }
+    }
+}
