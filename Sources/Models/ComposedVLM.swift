@@ -15,6 +15,9 @@ public struct ComposedConfig: Codable, Sendable {
     public var vision = "efficientnet-lite0"
     /// Encoder input size in pixels (the feature map, and so the token count, follows from it).
     public var imageSize = 112
+    /// TF-style centre crop margin (size/(size+margin) of the shorter side is kept); 0 keeps the
+    /// whole image, which small, tightly framed images such as Fashion-MNIST need.
+    public var cropPadding = 0
     /// "default-lm" (the installed SmolLM2 GGUF) or a path to a GGUF file / HF directory.
     public var languageModel = "default-lm"
     public var projectorHidden = 576
@@ -24,7 +27,7 @@ public struct ComposedConfig: Codable, Sendable {
     public var systemPrompt: String?
 
     enum CodingKeys: String, CodingKey {
-        case modelType = "model_type", vision, imageSize = "image_size", languageModel = "language_model"
+        case modelType = "model_type", vision, imageSize = "image_size", cropPadding = "crop_padding", languageModel = "language_model"
         case projectorHidden = "projector_hidden", loraRank = "lora_rank", loraAlpha = "lora_alpha", systemPrompt = "system_prompt"
     }
     public init() {}
@@ -150,7 +153,7 @@ public final class ComposedVLM: VisionLanguageModel {
     public static func create(_ config: ComposedConfig, root: URL = Paths.repoRoot, seed: UInt64 = 0) throws -> ComposedVLM {
         let lmURL = config.languageModel == "default-lm" ? LMLoader.defaultLMPath(repoRoot: root) : URL(fileURLWithPath: config.languageModel)
         let language = try LMLoader.load(lmURL)
-        let encoder = try makeImageEncoder(config.vision, imageSize: config.imageSize, root: root)
+        let encoder = try makeImageEncoder(config.vision, imageSize: config.imageSize, cropPadding: config.cropPadding, root: root)
         return try ComposedVLM(config: config, encoder: encoder, language: language, seed: seed)
     }
 

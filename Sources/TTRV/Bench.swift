@@ -143,6 +143,34 @@ public enum Bench {
         return r
     }
 
+    /// One TTRV step at the reference settings on the decoder alone (text MCQ prompt, 32 votes,
+    /// 16 trained, ≤ 8 new tokens, full fp32 fine-tuning, PPO-clip + low_var_kl, AdamW).
+    public static func ttrvStep(_ lm: LanguageModel, steps: Int = 5, out: URL) throws -> [String: Double] {
+        let vlm = TextOnlyVLM(lm)
+        let promptIds = peerPrompt(lm)
+        // The peer's prompt as a user message (its chat wrapper is added back by prepare).
+        let text = lm.tokenizer.decode(promptIds)
+        let userText = text.components(separatedBy: "<|im_start|>user\n").last!.components(separatedBy: "<|im_end|>").first!
+        let item = Item(id: "bench", prompt: userText, image: nil, answer: "A",
+                        options: ["a lighthouse", "a windmill", "a water tower", "a church steeple"], label: "a lighthouse")
+        var o = AdaptOptions()
+        o.mode = .reference
+        o.votes = 32
+        o.trainSamples = 16
+        o.maxNewTokens = 8
+        o.batchPrompts = 1
+        o.adaptSamples = 1
+        o.epochs = steps + 1
+        let adapter = try Adapter(vlm: vlm, options: o, out: out, log: { _ in })
+        var logs: [StepLog] = []
+        for i in 0...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1).0) }
+        let measured = Array(logs.dropFirst())
+        func med(_ f: (StepLog) -> Double) -> Double { let v = measured.map(f).sorted(); return v[v.count / 2] }
+        return ["ttrv_step_seconds": med(\.seconds), "ttrv_rollout_seconds": med(\.rolloutSeconds),
+                "ttrv_old_ref_logprob_seconds": med(\.oldRefSeconds), "ttrv_fwd_bwd_seconds": med(\.trainSeconds),
+                "ttrv_optim_seconds": med(\.optimizerSeconds)]
+    }
+
     // MARK: reference
 
     /// Runs ../shared/bench/peer_ttrv.py with $PEER_PYTHON, returning its flat results by name.

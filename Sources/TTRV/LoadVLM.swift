@@ -7,6 +7,8 @@ public enum VLMLoader {
 
     /// `default` or a model directory; the kind is read from its config.json.
     public static func load(_ spec: String) throws -> VisionLanguageModel {
+        if spec == "default-lm" { return TextOnlyVLM(try LMLoader.load(LMLoader.defaultLMPath())) }
+        if spec.hasSuffix(".gguf") { return TextOnlyVLM(try LMLoader.load(URL(fileURLWithPath: spec))) }
         let dir = spec == "default" ? defaultModelDir : URL(fileURLWithPath: spec)
         let configURL = dir.appendingPathComponent("config.json")
         guard let data = try? Data(contentsOf: configURL) else {
@@ -17,6 +19,7 @@ public enum VLMLoader {
         case "ttrv-composed": return try ComposedVLM.load(dir)
         case "qwen2_5_vl": return try Qwen25VL.load(dir)
         case "internvl", "internvl_chat": return try InternVL.load(dir)
+        case "llama", "qwen2", "mistral": return TextOnlyVLM(try LMLoader.load(dir))
         default:
             throw DatasetError(message: "\(configURL.path): model_type \(type ?? "(none)") is not a supported VLM (ttrv-composed, qwen2_5_vl, internvl, internvl_chat)")
         }

@@ -67,6 +67,7 @@ struct Generate: ParsableCommand {
     @Option(help: "Number of samples (one prefill, fanned out).") var samples: Int = 1
     @Option var seed: UInt64 = 0
     @Flag(name: .customLong("raw"), help: "Send the prompt as is, without the chat template.") var raw = false
+    @Option(help: "An image for a VLM (--model is then a VLM directory or `default`).") var image: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func validate() throws {
@@ -78,6 +79,16 @@ struct Generate: ParsableCommand {
 
     func run() throws {
         runtime.apply()
+        let params = SamplingParams(temperature: temperature, topP: topP, topK: topK, maxTokens: maxTokens, seed: seed)
+        if let image {
+            let vlm = try VLMLoader.load(model == "default-lm" ? "default" : model)
+            let prompt = try vlm.prepare(text: self.prompt, image: Image.load(URL(fileURLWithPath: image)), system: system)
+            let gen = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
+            for (i, c) in try gen.generate(prompt, samples: samples, params: params).enumerated() {
+                print(samples > 1 ? "--- sample \(i + 1) (\(c.tokens.count) tokens, \(c.finish.rawValue))\n\(c.text)" : c.text)
+            }
+            return
+        }
         let lm = try LMLoader.load(try resolveLM(model))
         var messages: [ChatMessage] = []
         if let system { messages.append(.system(system)) }
@@ -85,7 +96,6 @@ struct Generate: ParsableCommand {
         let text = raw ? prompt : lm.template.render(messages, addGenerationPrompt: true)
         let ids = lm.tokenizer.encode(text)
         let gen = TextGenerator(lm: lm.model, tokenizer: lm.tokenizer, stopIds: lm.stopIds)
-        let params = SamplingParams(temperature: temperature, topP: topP, topK: topK, maxTokens: maxTokens, seed: seed)
         if samples == 1 {
             let out = try gen.generate(prompt: ids, params: params) { piece in
                 FileHandle.standardOutput.write(piece.data(using: .utf8)!)
@@ -104,7 +114,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench", abstract: "Speed and memory benchmarks (use a release build).")
 
     @Option(help: "Where to merge the results.") var json: String = "bench-results.json"
-    @Option(help: "Which groups to run: foundation, generate.") var only: [String] = []
+    @Option(help: "Which groups to run: foundation, generate, step.") var only: [String] = []
     @Option(help: "Threads (the reference pins 2).") var threads: Int = 2
 
     func run() throws {
@@ -133,6 +143,17 @@ struct BenchCommand: ParsableCommand {
             add("decode_batch32_tokens_per_s", g.decodeBatch32TokensPerS, "tok/s")
             add("fanout32_tokens_per_s", g.fanout32TokensPerS, "tok/s")
             peer.merge(Bench.peer(mode: "generate", gguf: url, log: eprint)) { a, _ in a }
+        }
+        if want("step") {
+            let url = LMLoader.defaultLMPath()
+            let lm = try LMLoader.load(url)
+            let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("ttrv-bench-\(getpid())")
+            defer { try? FileManager.default.removeItem(at: tmp) }
+            let s = try Bench.ttrvStep(lm, out: tmp)
+            for name in ["ttrv_step_seconds", "ttrv_rollout_seconds", "ttrv_old_ref_logprob_seconds", "ttrv_fwd_bwd_seconds", "ttrv_optim_seconds"] {
+                add(name, s[name]!, "s")
+            }
+            peer.merge(Bench.peer(mode: "step", gguf: url, log: eprint)) { a, _ in a }
         }
         add("peak_rss_mib", Bench.peakRSSMiB(), "MiB")
         Bench.attach(&entries, peer: peer)
