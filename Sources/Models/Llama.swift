@@ -294,6 +294,28 @@ public final class LlamaModel: Module {
     }
 }
 
+extension LlamaModel {
+    /// The decoder layers and final norm, given RoPE tables for the new positions (1-D RoPE
+    /// for Llama/Qwen2, multimodal RoPE for Qwen2.5-VL). Builds the attention mask from the
+    /// cache length and the padding of cached and new tokens.
+    public func decode(_ embeddings: Tensor, cos: Tensor, sin: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
+        let (b, t) = (embeddings.size(0), embeddings.size(1))
+        let past = cache?.length ?? 0
+        var validKeys: Tensor? = valid
+        if let cache, valid != nil || cache.valid != nil {
+            let old = try cache.validPrefix ?? Tensor.ones([b, past], dtype: .bool)
+            validKeys = try Tensor.cat([old, valid ?? Tensor.ones([b, t], dtype: .bool)], dim: 1)
+        }
+        let mask = try attentionMask(batch: b, newTokens: t, past: past, validKeys: validKeys)
+        var h = embeddings
+        for (i, layer) in layers.enumerated() {
+            h = try layer(h, cos: cos, sin: sin, mask: mask, cache: cache, layer: i)
+        }
+        if let cache { try cache.advance(t, validNew: valid) }
+        return try norm(h)
+    }
+}
+
 /// LlamaForCausalLM / Qwen2ForCausalLM (SmolLM2 is a Llama).
 public final class LlamaForCausalLM: Module, CausalLM {
     public let config: LlamaConfig
@@ -322,25 +344,8 @@ public final class LlamaForCausalLM: Module, CausalLM {
     public func embed(_ ids: Tensor) throws -> Tensor { try model.embed_tokens(ids) }
 
     public func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
-        let (b, t) = (embeddings.size(0), embeddings.size(1))
-        let past = cache?.length ?? 0
-        var validKeys: Tensor? = nil
-        if let cache {
-            if valid != nil || cache.valid != nil {
-                let old = try cache.validPrefix ?? Tensor.ones([b, past], dtype: .bool)
-                validKeys = try Tensor.cat([old, valid ?? Tensor.ones([b, t], dtype: .bool)], dim: 1)
-            }
-        } else {
-            validKeys = valid
-        }
-        let mask = try attentionMask(batch: b, newTokens: t, past: past, validKeys: validKeys)
         let (cos, sin) = try rotary.cosSin(positions)
-        var h = embeddings
-        for (i, layer) in model.layers.enumerated() {
-            h = try layer(h, cos: cos, sin: sin, mask: mask, cache: cache, layer: i)
-        }
-        if let cache { try cache.advance(t, validNew: valid) }
-        return try model.norm(h)
+        return try model.decode(embeddings, cos: cos, sin: sin, cache: cache, valid: valid)
     }
 
     public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, lmHead) }

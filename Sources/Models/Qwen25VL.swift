@@ -384,21 +384,8 @@ public final class Qwen2_5_VLForConditionalGeneration: Module, CausalLM {
     }
 
     public func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
-        let (b, t) = (embeddings.size(0), embeddings.size(1))
-        let past = cache?.length ?? 0
-        var validKeys: Tensor? = valid
-        if let cache, valid != nil || cache.valid != nil {
-            let old = try cache.validPrefix ?? Tensor.ones([b, past], dtype: .bool)
-            validKeys = try Tensor.cat([old, valid ?? Tensor.ones([b, t], dtype: .bool)], dim: 1)
-        }
-        let mask = try attentionMask(batch: b, newTokens: t, past: past, validKeys: validKeys)
         let (cos, sin) = try cosSin(positions)
-        var h = embeddings
-        for (i, layer) in languageModel.layers.enumerated() {
-            h = try layer(h, cos: cos, sin: sin, mask: mask, cache: cache, layer: i)
-        }
-        if let cache { try cache.advance(t, validNew: valid) }
-        return try languageModel.norm(h)
+        return try languageModel.decode(embeddings, cos: cos, sin: sin, cache: cache, valid: valid)
     }
 
     public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, lmHead) }
