@@ -31,6 +31,21 @@ public struct ComposedConfig: Codable, Sendable {
         case projectorHidden = "projector_hidden", loraRank = "lora_rank", loraAlpha = "lora_alpha", systemPrompt = "system_prompt"
     }
     public init() {}
+
+    /// Missing keys take their defaults, so a hand-written config.json may name only what differs.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = ComposedConfig()
+        modelType = try c.decodeIfPresent(String.self, forKey: .modelType) ?? d.modelType
+        vision = try c.decodeIfPresent(String.self, forKey: .vision) ?? d.vision
+        imageSize = try c.decodeIfPresent(Int.self, forKey: .imageSize) ?? d.imageSize
+        cropPadding = try c.decodeIfPresent(Int.self, forKey: .cropPadding) ?? d.cropPadding
+        languageModel = try c.decodeIfPresent(String.self, forKey: .languageModel) ?? d.languageModel
+        projectorHidden = try c.decodeIfPresent(Int.self, forKey: .projectorHidden) ?? d.projectorHidden
+        loraRank = try c.decodeIfPresent(Int.self, forKey: .loraRank)
+        loraAlpha = try c.decodeIfPresent(Double.self, forKey: .loraAlpha)
+        systemPrompt = try c.decodeIfPresent(String.self, forKey: .systemPrompt)
+    }
 }
 
 /// LLaVA-style two-layer MLP from image features to decoder embeddings.
