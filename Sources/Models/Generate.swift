@@ -82,35 +82,65 @@ public struct TextGenerator {
 
     /// One continuation per prompt, prompts of different lengths prefilled together (left padding).
     public func generateBatch(prompts: [[Int]], params: SamplingParams) throws -> [Completion] {
-        let embeds = try noGrad { try prompts.map { p in try lm.embed(Tensor(p.map { Int64($0) }, shape: [1, p.count])) } }
-        return try generateBatch(promptEmbeddings: embeds, params: params)
+        let prepared = try noGrad {
+            try prompts.map { p in
+                PreparedPrompt(embeddings: try lm.embed(Tensor(p.map { Int64($0) }, shape: [1, p.count])),
+                               positions: try Tensor.arange(p.count).unsqueeze(0), nextPosition: p.count, tokenIds: p)
+            }
+        }
+        return try generateBatch(prepared, params: params)
     }
 
-    /// Batched prefill of already-embedded prompts, each [1, T_i, hidden].
-    public func generateBatch(promptEmbeddings: [Tensor], params: SamplingParams) throws -> [Completion] {
-        guard !promptEmbeddings.isEmpty else { return [] }
+    /// One continuation per prepared prompt, prefilled together with left padding; positions
+    /// travel with each prompt (M-RoPE prompts keep their 3-D positions). With 1-D positions the
+    /// token prefix all prompts share (e.g. the system prompt) is computed once and its cache
+    /// rows repeated.
+    public func generateBatch(_ prompts: [PreparedPrompt], params: SamplingParams) throws -> [Completion] {
+        guard !prompts.isEmpty else { return [] }
         return try noGrad {
-            let lengths = promptEmbeddings.map { $0.size(1) }
-            let maxLen = lengths.max()!
-            let b = lengths.count, d = lm.hiddenSize
-            var rows: [Tensor] = []
-            var valid: [Bool] = [], positions: [Int64] = []
-            for (e, n) in zip(promptEmbeddings, lengths) {
-                let pad = maxLen - n
-                rows.append(pad == 0 ? e : try Tensor.cat([Tensor.zeros([1, pad, d], dtype: e.dtype), e], dim: 1))
-                valid += Array(repeating: false, count: pad) + Array(repeating: true, count: n)
-                positions += Array(repeating: 0, count: pad) + (0..<n).map { Int64($0) }
+            let mrope = prompts.contains { $0.positions.rank == 3 }
+            let shared = mrope || prompts.count < 2 ? 0 : sharedPrefix(prompts)
+            let lengths = prompts.map { $0.embeddings.size(1) - shared }
+            let maxLen = lengths.max()!, d = lm.hiddenSize, b = prompts.count
+            let cache = KVCache(layers: lm.layerCount, capacity: shared + maxLen + params.maxTokens + 1)
+            if shared > 0 {
+                _ = try lm.forward(embeddings: prompts[0].embeddings.narrow(dim: 1, start: 0, length: shared),
+                                   positions: Tensor.arange(shared).unsqueeze(0), cache: cache, valid: nil)
+                try cache.selectRows(Array(repeating: 0, count: b))
             }
-            let allValid = valid.allSatisfy { $0 }
-            let cache = KVCache(layers: lm.layerCount, capacity: maxLen + params.maxTokens + 1)
-            let hidden = try lm.forward(embeddings: Tensor.cat(rows, dim: 0), positions: Tensor(positions, shape: [b, maxLen]),
-                                        cache: cache, valid: allValid ? nil : Tensor(valid, shape: [b, maxLen]))
+            var rows: [Tensor] = [], posRows: [Tensor] = [], valid: [Bool] = []
+            for (p, n) in zip(prompts, lengths) {
+                let pad = maxLen - n
+                let e = try p.embeddings.narrow(dim: 1, start: shared, length: n)
+                rows.append(pad == 0 ? e : try Tensor.cat([Tensor.zeros([1, pad, d], dtype: e.dtype), e], dim: 1))
+                var pos = try p.positions.to(.int64)
+                if mrope && pos.rank == 2 { pos = try pos.unsqueeze(0).expand([3, 1, pos.size(-1)]) }
+                let axis = pos.rank - 1
+                pos = try pos.narrow(dim: axis, start: shared, length: n)
+                var padShape = pos.shape
+                padShape[axis] = pad
+                posRows.append(pad == 0 ? pos : try Tensor.cat([Tensor.zeros(padShape, dtype: .int64), pos], dim: axis))
+                valid += Array(repeating: false, count: pad) + Array(repeating: true, count: n)
+            }
+            let hidden = try lm.forward(embeddings: Tensor.cat(rows, dim: 0), positions: Tensor.cat(posRows, dim: mrope ? 1 : 0),
+                                        cache: cache, valid: valid.allSatisfy { $0 } ? nil : Tensor(valid, shape: [b, maxLen]))
             let logits = try lm.logits(hidden.narrow(dim: 1, start: maxLen - 1, length: 1)).squeeze(1)
-            return try decode(cache: cache, firstLogits: logits, nextPositions: lengths, params: params, onText: nil)
+            return try decode(cache: cache, firstLogits: logits, nextPositions: prompts.map(\.nextPosition), params: params, onText: nil)
         }
     }
 
-    /// The decode loop shared by fan-out and batched generation.
+    /// Length of the token prefix every prompt shares, stopping before any image slot (ids < 0)
+    /// and leaving each prompt at least one token of its own.
+    func sharedPrefix(_ prompts: [PreparedPrompt]) -> Int {
+        let first = prompts[0].tokenIds
+        var n = 0
+        let limit = prompts.map { $0.tokenIds.count - 1 }.min() ?? 0
+        while n < limit, first[n] >= 0, prompts.allSatisfy({ $0.tokenIds[n] == first[n] }) { n += 1 }
+        return n < 4 ? 0 : n
+    }
+
+    /// The decode loop shared by fan-out and batched generation. Finished rows are dropped from
+    /// the batch once they are half of it, so one long reply does not keep 31 finished ones busy.
     func decode(cache: KVCache, firstLogits: Tensor, nextPositions: [Int], params: SamplingParams,
                 onText: ((String) -> Void)?) throws -> [Completion] {
         let b = nextPositions.count
@@ -120,17 +150,18 @@ public struct TextGenerator {
         var streams = (0..<b).map { _ in StreamingDecoder(tokenizer: tokenizer, skipSpecial: true) }
         var logits = firstLogits
         var positions = nextPositions
+        var live = Array(0..<b) // the output row of each batch row
         for step in 0..<params.maxTokens {
             let (ids, lps) = try Sampler.sample(logits, params: params, generator: rng)
-            for r in 0..<b where !done[r] {
-                out[r].tokens.append(ids[r])
-                out[r].logprobs.append(lps[r])
-                if stopIds.contains(ids[r]) {
+            for (k, r) in live.enumerated() where !done[r] {
+                out[r].tokens.append(ids[k])
+                out[r].logprobs.append(lps[k])
+                if stopIds.contains(ids[k]) {
                     done[r] = true
                     out[r].finish = .stop
                     continue
                 }
-                let piece = streams[r].push(ids[r])
+                let piece = streams[r].push(ids[k])
                 out[r].text += piece
                 if r == 0, !piece.isEmpty { onText?(piece) }
                 if let cut = firstStop(in: out[r].text, params.stopStrings) {
@@ -140,12 +171,19 @@ public struct TextGenerator {
                 }
             }
             if done.allSatisfy({ $0 }) || step == params.maxTokens - 1 { break }
-            // Finished rows keep decoding a harmless token so the batch stays rectangular.
-            let next = try Tensor(ids.map { Int64($0) }, shape: [b, 1])
-            let pos = try Tensor(positions.map { Int64($0) }, shape: [b, 1])
-            let hidden = try lm.forward(embeddings: lm.embed(next), positions: pos, cache: cache, valid: nil)
+            var next = ids
+            let keep = live.indices.filter { !done[live[$0]] }
+            if keep.count <= live.count / 2 {
+                try cache.selectRows(keep)
+                next = keep.map { ids[$0] }
+                live = keep.map { live[$0] }
+            }
+            // Rows that finished but stay in the batch decode a harmless token.
+            let tok = try Tensor(next.map { Int64($0) }, shape: [live.count, 1])
+            let pos = try Tensor(live.map { Int64(positions[$0]) }, shape: [live.count, 1])
+            let hidden = try lm.forward(embeddings: lm.embed(tok), positions: pos, cache: cache, valid: nil)
             logits = try lm.logits(hidden).squeeze(1)
-            positions = positions.map { $0 + 1 }
+            for r in live { positions[r] += 1 }
         }
         for r in 0..<b where out[r].finish != .stopString {
             let rest = streams[r].flush()

@@ -594,35 +594,3 @@ public final class Qwen25VL: VisionLanguageModel {
 }
 
 // MARK: - batched prefill of prepared prompts
-
-extension TextGenerator {
-    /// One greedy/sampled continuation per prepared prompt, prompts prefilled together with left
-    /// padding. Positions travel with each prompt (M-RoPE prompts keep their 3-D positions).
-    public func generateBatch(_ prompts: [PreparedPrompt], params: SamplingParams) throws -> [Completion] {
-        guard !prompts.isEmpty else { return [] }
-        return try noGrad {
-            let lengths = prompts.map { $0.embeddings.size(1) }
-            let maxLen = lengths.max()!, d = lm.hiddenSize
-            let mrope = prompts.contains { $0.positions.rank == 3 }
-            var rows: [Tensor] = [], posRows: [Tensor] = [], valid: [Bool] = []
-            for (p, n) in zip(prompts, lengths) {
-                let pad = maxLen - n
-                let e = p.embeddings
-                rows.append(pad == 0 ? e : try Tensor.cat([Tensor.zeros([1, pad, d], dtype: e.dtype), e], dim: 1))
-                var pos = try p.positions.to(.int64)
-                if mrope && pos.rank == 2 { pos = try pos.unsqueeze(0).expand([3, 1, n]) }
-                let axis = pos.rank - 1
-                var padShape = pos.shape
-                padShape[axis] = pad
-                posRows.append(pad == 0 ? pos : try Tensor.cat([Tensor.zeros(padShape, dtype: .int64), pos], dim: axis))
-                valid += Array(repeating: false, count: pad) + Array(repeating: true, count: n)
-            }
-            let b = prompts.count
-            let cache = KVCache(layers: lm.layerCount, capacity: maxLen + params.maxTokens + 1)
-            let hidden = try lm.forward(embeddings: Tensor.cat(rows, dim: 0), positions: Tensor.cat(posRows, dim: mrope ? 1 : 0),
-                                        cache: cache, valid: valid.allSatisfy { $0 } ? nil : Tensor(valid, shape: [b, maxLen]))
-            let logits = try lm.logits(hidden.narrow(dim: 1, start: maxLen - 1, length: 1)).squeeze(1)
-            return try decode(cache: cache, firstLogits: logits, nextPositions: prompts.map(\.nextPosition), params: params, onText: nil)
-        }
-    }
-}

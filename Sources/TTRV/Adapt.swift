@@ -18,7 +18,8 @@ public struct AdaptOptions: Codable, Sendable {
     public var batchPrompts = 4
     public var votes = 32
     public var trainSamples = 16
-    /// nil: 5e-7 in reference mode (the reference's value for billion-parameter models), else 2e-5.
+    /// nil: 5e-7 in reference mode (the reference's value for billion-parameter models), else
+    /// 2e-5 for full fine-tuning and 1e-4 for LoRA.
     public var lr: Double?
     /// Adds LoRA adapters of this rank (trains them and the projector instead of everything).
     public var loraRank: Int?
@@ -41,7 +42,7 @@ public struct AdaptOptions: Codable, Sendable {
 
     public init() {}
 
-    public var resolvedLR: Double { lr ?? (mode == .reference ? 5e-7 : 2e-5) }
+    public var resolvedLR: Double { lr ?? (mode == .reference ? 5e-7 : loraRank != nil ? 1e-4 : 2e-5) }
     public var resolvedAdvantage: AdvantageNorm { advantage ?? (mode == .reference ? .group : .batch) }
     public var answerStyle: AnswerStyle { mode == .reference ? .reference : .strict }
 }
@@ -172,6 +173,8 @@ public final class Adapter {
         var item: Item
         var prompt: PreparedPrompt
         var responses: [[Int]]
+        /// The sampler's log-probs of the kept responses (the policy's own at temperature 1).
+        var sampledLogp: [[Float]]
         var advantages: [Double]
         var vote: VoteResult
         var strictInvalid: Double
@@ -197,7 +200,7 @@ public final class Adapter {
                                    kind: options.reward == .majority ? .majority : .frequency, denominator: .allVotes)
             let strictInvalid = Double(samples.filter { extractAnswer($0.text, mode: item.answerMode) == nil }.count) / Double(samples.count)
             let kept = Array(samples.prefix(options.trainSamples))
-            rollouts.append(Rollout(item: item, prompt: prompt, responses: kept.map(\.tokens),
+            rollouts.append(Rollout(item: item, prompt: prompt, responses: kept.map(\.tokens), sampledLogp: kept.map(\.logprobs),
                                     advantages: Array(vote.rewards.prefix(options.trainSamples)), vote: vote, strictInvalid: strictInvalid,
                                     meanLength: Double(samples.map(\.tokens.count).reduce(0, +)) / Double(samples.count)))
         }
@@ -212,7 +215,15 @@ public final class Adapter {
         let t1 = Date()
         try noGrad {
             for i in active {
-                rollouts[i].oldLogp = try GRPO.sequenceLogprobs(lm: vlm.lm, prompt: rollouts[i].prompt, responses: rollouts[i].responses, padId: padId).0
+                if options.temperature == 1 {
+                    // Same weights, same distribution: the rollout already computed these (the
+                    // reference recomputes them because its sampler is a separate engine).
+                    let r = rollouts[i].responses.map(\.count).max()!
+                    let rows = rollouts[i].sampledLogp.map { $0 + Array(repeating: 0, count: r - $0.count) }
+                    rollouts[i].oldLogp = try Tensor(rows.flatMap { $0 }, shape: [rows.count, r])
+                } else {
+                    rollouts[i].oldLogp = try GRPO.sequenceLogprobs(lm: vlm.lm, prompt: rollouts[i].prompt, responses: rollouts[i].responses, padId: padId).0
+                }
             }
             if options.klCoef > 0, !active.isEmpty {
                 try withReferenceWeights {

@@ -106,7 +106,7 @@ public enum Evaluator {
         for start in stride(from: 0, to: items.count, by: options.batchSize) {
             let chunk = Array(items[start..<min(items.count, start + options.batchSize)])
             let prompts = try noGrad { try chunk.map { try vlm.prepare(text: $0.prompt, image: $0.image?.load(), system: nil) } }
-            let outs = try gen.generateBatch(promptEmbeddings: prompts.map(\.embeddings), params: .greedy(maxTokens: options.maxTokens))
+            let outs = try gen.generateBatch(prompts, params: .greedy(maxTokens: options.maxTokens))
             for (k, (item, out)) in zip(chunk, outs).enumerated() {
                 let pred = answerOf(out, item: item, style: options.answerMode)
                 var p = ItemPrediction(id: item.id, answer: item.answer, response: out.text, prediction: pred, correct: isCorrect(pred, item))

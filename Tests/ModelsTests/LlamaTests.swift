@@ -89,6 +89,24 @@ final class LlamaTests: XCTestCase {
     func testTinyLlamaParity() throws { try checkTiny("tiny-llama") }
     func testTinyQwen2Parity() throws { try checkTiny("tiny-qwen2") }
 
+    /// Prompts sharing a prefix (as chat prompts share the system turn) are prefilled with the
+    /// prefix computed once; the continuations equal generating each prompt alone.
+    func testSharedPrefixBatchEqualsSingleGeneration() throws {
+        let model = try LMLoader.loadHFModel(fixturesRoot.appendingPathComponent("lm/tiny-llama"))
+        let gen = TextGenerator(lm: model, tokenizer: try tinyTokenizer(), stopIds: [])
+        let prefix = [11, 200, 37, 90, 4, 301]
+        let prompts = [prefix + [5, 77], prefix + [120, 33, 250, 9, 41], prefix + [400]]
+        XCTAssertEqual(gen.sharedPrefix(try prompts.map { p in
+            PreparedPrompt(embeddings: try model.embed(ids(p)), positions: try Tensor.arange(p.count).unsqueeze(0), nextPosition: p.count, tokenIds: p)
+        }), 6)
+        let batched = try gen.generateBatch(prompts: prompts, params: .greedy(maxTokens: 8))
+        for (p, out) in zip(prompts, batched) {
+            XCTAssertEqual(out.tokens, try gen.generate(prompt: p, params: .greedy(maxTokens: 8))[0].tokens)
+            let logp = try gen.generate(prompt: p, params: .greedy(maxTokens: 8))[0].logprobs
+            for (a, b) in zip(out.logprobs, logp) { XCTAssertEqual(a, b, accuracy: 1e-4) }
+        }
+    }
+
     func testWrongWeightsAreReported() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
