@@ -153,7 +153,8 @@ struct BenchCommand: ParsableCommand {
             for name in ["ttrv_step_seconds", "ttrv_rollout_seconds", "ttrv_old_ref_logprob_seconds", "ttrv_fwd_bwd_seconds", "ttrv_optim_seconds"] {
                 add(name, s[name]!, "s")
             }
-            peer.merge(Bench.peer(mode: "step", gguf: url, log: eprint)) { a, _ in a }
+            // Our peak includes the training step, so compare with the reference's step-mode peak.
+            peer.merge(Bench.peer(mode: "step", gguf: url, log: eprint)) { _, b in b }
         }
         add("peak_rss_mib", Bench.peakRSSMiB(), "MiB")
         Bench.attach(&entries, peer: peer)
@@ -216,13 +217,13 @@ struct AdaptArguments: ParsableArguments {
     @Option(name: .customLong("batch-prompts")) var batchPrompts: Int = 4
     @Option var votes: Int = 32
     @Option(name: .customLong("train-samples")) var trainSamples: Int = 16
-    @Option(help: "Learning rate (default 5e-7 in reference mode, else 2e-5, or 1e-4 with --lora-rank).") var lr: Double?
+    @Option(help: "Learning rate (default 5e-7 in reference mode, else 2e-5).") var lr: Double?
     @Option(name: .customLong("lora-rank"), help: "Train LoRA adapters of this rank (and the projector) instead of all weights.") var loraRank: Int?
     @Option(help: "frequency or majority.") var reward: String = "frequency"
     @Option(name: .customLong("entropy-coef")) var entropyCoef: Double = 0.75
     @Option(help: "group or batch advantage normalisation (default: group in reference mode, batch otherwise).") var advantage: String?
     @Option(help: "reference or default.") var mode: String = "default"
-    @Option(name: .customLong("max-new-tokens")) var maxNewTokens: Int = 16
+    @Option(name: .customLong("max-new-tokens")) var maxNewTokens: Int = 8
     @Option(name: .customLong("kl-coef")) var klCoef: Double = 0.001
     @Option(name: .customLong("eval-limit")) var evalLimit: Int?
     @Option var seed: UInt64 = 0
