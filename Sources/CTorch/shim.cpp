@@ -84,7 +84,6 @@ extern "C" {
 
 const char *tt_last_error(void) { return g_error.c_str(); }
 void tt_free(tt_tensor t) { delete t; }
-tt_tensor tt_clone_handle(tt_tensor t) { TRY_HANDLE(T(t)) }
 
 void tt_set_num_threads(int n) { at::set_num_threads(n); }
 int tt_get_num_threads(void) { return at::get_num_threads(); }
@@ -332,10 +331,6 @@ tt_tensor tt_pad(tt_tensor t, const int64_t *pad, int npad, double value) {
 }
 tt_tensor tt_tril(tt_tensor t, int64_t d) { TRY_HANDLE(at::tril(T(t), d)) }
 tt_tensor tt_triu(tt_tensor t, int64_t d) { TRY_HANDLE(at::triu(T(t), d)) }
-tt_tensor tt_avg_pool2d_global(tt_tensor x) { TRY_HANDLE(at::mean(T(x), {-2, -1}, true)) }
-tt_tensor tt_interpolate_bilinear(tt_tensor x, int64_t h, int64_t w, int align_corners) {
-  TRY_HANDLE(at::upsample_bilinear2d(T(x), {h, w}, align_corners != 0, c10::nullopt, c10::nullopt))
-}
 
 // shape and indexing
 tt_tensor tt_reshape(tt_tensor t, const int64_t *s, int n) { TRY_HANDLE(T(t).reshape(dims(s, n))) }

@@ -111,21 +111,4 @@ public final class KVCache {
         batch = rows.count
     }
 
-    /// A copy sharing no storage with this cache (so it can be reused as a prefix).
-    public func copy() throws -> KVCache {
-        func clone(_ t: Tensor) throws -> Tensor {
-            let c = try Tensor.empty(t.shape, dtype: t.dtype)
-            try c.copy_(t)
-            return c
-        }
-        let c = KVCache(layers: layers, capacity: capacity)
-        try noGrad {
-            c.keys = try keys.map(clone)
-            c.values = try values.map(clone)
-            c.valid = try valid.map(clone)
-        }
-        c.length = length
-        c.batch = batch
-        return c
-    }
 }

@@ -175,7 +175,7 @@ extension Module {
 
 /// Attention mask [B, 1, T, L] (true = attend) for T new queries after `past` cached positions,
 /// or nil when plain causal attention (or none, for one new token) is exact.
-func attentionMask(batch: Int, newTokens t: Int, past: Int, validKeys: Tensor?) throws -> Tensor? {
+func attentionMask(newTokens t: Int, past: Int, validKeys: Tensor?) throws -> Tensor? {
     if validKeys == nil && (past == 0 || t == 1) { return nil }
     let total = past + t
     let q = try Tensor.arange(Double(past), Double(total)).unsqueeze(1) // [T,1]
@@ -306,7 +306,7 @@ extension LlamaModel {
             let old = try cache.validPrefix ?? Tensor.ones([b, past], dtype: .bool)
             validKeys = try Tensor.cat([old, valid ?? Tensor.ones([b, t], dtype: .bool)], dim: 1)
         }
-        let mask = try attentionMask(batch: b, newTokens: t, past: past, validKeys: validKeys)
+        let mask = try attentionMask(newTokens: t, past: past, validKeys: validKeys)
         var h = embeddings
         for (i, layer) in layers.enumerated() {
             h = try layer(h, cos: cos, sin: sin, mask: mask, cache: cache, layer: i)

@@ -228,9 +228,6 @@ public enum F {
         let p = i64(pad)
         return try Tensor.make(x) { p.withUnsafeBufferPointer { tt_pad(x.handle, $0.baseAddress, Int32(p.count), value) } }
     }
-    public static func interpolateBilinear(_ x: Tensor, height: Int, width: Int, alignCorners: Bool = false) throws -> Tensor {
-        try Tensor.make(x) { tt_interpolate_bilinear(x.handle, Int64(height), Int64(width), alignCorners ? 1 : 0) }
-    }
 }
 
 // MARK: - shape and indexing

@@ -223,8 +223,6 @@ public final class Tensor: @unchecked Sendable {
         let (d, i) = device.code
         return try Tensor.make(self) { tt_to(handle, dtype.rawValue, d, i) }
     }
-    /// A second Swift reference-counted wrapper of the same storage.
-    public func alias() throws -> Tensor { try Tensor.make(self) { tt_clone_handle(handle) } }
 }
 
 // MARK: - runtime

@@ -23,7 +23,6 @@ enum { TT_CPU = 0, TT_CUDA = 1 };
 
 const char *tt_last_error(void);
 void tt_free(tt_tensor t);
-tt_tensor tt_clone_handle(tt_tensor t); // a second handle to the same tensor (shared storage)
 
 // runtime
 void tt_set_num_threads(int n);
@@ -104,8 +103,6 @@ tt_tensor tt_cumsum(tt_tensor t, int64_t dim);
 tt_tensor tt_pad(tt_tensor t, const int64_t *pad, int npad, double value);
 tt_tensor tt_tril(tt_tensor t, int64_t diagonal);
 tt_tensor tt_triu(tt_tensor t, int64_t diagonal);
-tt_tensor tt_avg_pool2d_global(tt_tensor x); // mean over H, W keeping dims
-tt_tensor tt_interpolate_bilinear(tt_tensor x, int64_t h, int64_t w, int align_corners);
 
 // shape and indexing
 tt_tensor tt_reshape(tt_tensor t, const int64_t *shape, int ndim);
