@@ -6,6 +6,10 @@ public protocol ImageEncoder: AnyObject {
     var featureDim: Int { get }
     /// [1, K, featureDim] for one image (no gradient: the encoder is frozen).
     func encode(_ image: Image) throws -> Tensor
+    /// The encoder's batch-norm layers by name; none means test-time recalibration does not apply.
+    var batchNorms: [(name: String, module: BatchNorm2d)] { get }
+    /// One forward pass over `images` as a single batch with every batch norm in `mode`.
+    func calibrate(_ images: [Image], mode: BatchNorm2d.Calibration) throws
 }
 
 /// The default VLM's configuration (`config.json` of a composed model directory).
@@ -138,6 +142,78 @@ public final class ComposedVLM: VisionLanguageModel {
         return PreparedPrompt(embeddings: emb, positions: try Tensor.arange(ids.count).unsqueeze(0), nextPosition: ids.count, tokenIds: ids)
     }
 
+    // MARK: vision recalibration (label-free)
+
+    /// File in a model directory with the vision encoder's batch-norm input statistics on the
+    /// data the model was trained on (written by `ttrv calibrate`).
+    public static let visionSourceFile = "vision_source_stats.safetensors"
+
+    /// Measures the encoder's source statistics on `images` (clean, in-domain data).
+    public func measureVisionSource(_ images: [Image]) throws {
+        guard !encoder.batchNorms.isEmpty else { throw ModelError("vision encoder \(config.vision) has no batch norm to calibrate") }
+        try encoder.calibrate(images, mode: .measureSource)
+    }
+
+    public func visionSourceStats() throws -> [String: Tensor] {
+        var out: [String: Tensor] = [:]
+        for (name, bn) in encoder.batchNorms {
+            guard let s = bn.source else { throw ModelError("no source statistics for \(name); run `ttrv calibrate` first") }
+            out[name + ".mean"] = s.mean
+            out[name + ".variance"] = s.variance
+        }
+        return out
+    }
+
+    func loadVisionSourceStats(_ url: URL) throws {
+        let file = try SafeTensorsFile(url: url).tensors(as: .float32)
+        for (name, bn) in encoder.batchNorms {
+            guard let m = file[name + ".mean"], let v = file[name + ".variance"] else {
+                throw ModelError("\(url.path): no statistics for \(name)")
+            }
+            guard m.shape == bn.weight.shape, v.shape == bn.weight.shape else {
+                throw ModelError("\(url.path): \(name) statistics have shape \(m.shape), expected \(bn.weight.shape)")
+            }
+            bn.source = (m, v)
+        }
+    }
+
+    public var hasVisionSource: Bool { !encoder.batchNorms.isEmpty && encoder.batchNorms.allSatisfy { $0.module.source != nil } }
+
+    /// Maps the encoder's internal statistics on `images` (unlabelled test images) onto the source
+    /// statistics, layer by layer, and drops cached features. Returns the corrections by name.
+    @discardableResult
+    public func matchVisionSource(_ images: [Image]) throws -> [String: Tensor] {
+        guard hasVisionSource else {
+            throw ModelError("model has no vision source statistics (\(Self.visionSourceFile)); `ttrv calibrate --model DIR --data SPEC` measures them on clean data")
+        }
+        try encoder.calibrate(images, mode: .matchSource)
+        clearFeatureCache()
+        return visionCorrections()
+    }
+
+    /// The corrections in effect, by batch-norm name (".scale"/".shift"); empty when none.
+    public func visionCorrections() -> [String: Tensor] {
+        var out: [String: Tensor] = [:]
+        for (name, bn) in encoder.batchNorms {
+            if let c = bn.correction { out[name + ".scale"] = c.scale; out[name + ".shift"] = c.shift }
+        }
+        return out
+    }
+
+    /// Applies corrections saved by `visionCorrections` (nil or empty removes them).
+    public func setVisionCorrections(_ c: [String: Tensor]?) throws {
+        for (name, bn) in encoder.batchNorms {
+            try bn.setCorrection(scale: c?[name + ".scale"], shift: c?[name + ".shift"])
+        }
+        clearFeatureCache()
+    }
+
+    func clearFeatureCache() {
+        cacheLock.lock()
+        featureCache.removeAll()
+        cacheLock.unlock()
+    }
+
     // MARK: files
 
     public static func load(_ dir: URL, root: URL = Paths.repoRoot) throws -> ComposedVLM {
@@ -161,6 +237,8 @@ public final class ComposedVLM: VisionLanguageModel {
                 try t.copy_(state[name]!)
             }
         }
+        let stats = dir.appendingPathComponent(visionSourceFile)
+        if FileManager.default.fileExists(atPath: stats.path) { try vlm.loadVisionSourceStats(stats) }
         return vlm
     }
 

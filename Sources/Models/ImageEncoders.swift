@@ -17,6 +17,21 @@ public final class EfficientNetEncoder: ImageEncoder {
     public func encode(_ image: Image) throws -> Tensor {
         try noGrad { try net.imageTokens(EfficientNetLite.preprocess(image, size: imageSize, cropPadding: cropPadding)) }
     }
+
+    public var batchNorms: [(name: String, module: BatchNorm2d)] {
+        net.namedModules().compactMap { m in (m.module as? BatchNorm2d).map { (m.name, $0) } }
+    }
+
+    public func calibrate(_ images: [Image], mode: BatchNorm2d.Calibration) throws {
+        guard !images.isEmpty else { throw ModelError("vision calibration needs at least one image") }
+        let norms = batchNorms.map(\.module)
+        for n in norms { n.calibration = mode }
+        defer { for n in norms { n.calibration = .off } }
+        try noGrad {
+            let pixels = try Tensor.cat(images.map { try EfficientNetLite.preprocess($0, size: imageSize, cropPadding: cropPadding) }, dim: 0)
+            _ = try net.features(pixels)
+        }
+    }
 }
 
 /// The encoder a composed config names: "efficientnet-lite0" (the installed package) or a .pth path.

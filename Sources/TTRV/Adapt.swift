@@ -41,6 +41,10 @@ public struct AdaptOptions: Codable, Sendable {
     public var evalLimit: Int?
     public var evalBatch = 16
     public var seed: UInt64 = 0
+    /// Before the RL steps, map the vision encoder's batch-norm statistics on the adaptation
+    /// images onto those of its training data (label-free). nil: on in default mode for models
+    /// that have source statistics (the default VLM does), off in reference mode.
+    public var visionNorm: Bool?
 
     public init() {}
 
@@ -334,6 +338,12 @@ public final class Adapter {
 
     /// Evaluate before, adapt, evaluate after, write everything under `out`.
     public func run(adaptData: Dataset, evalData: Dataset, modelName: String) throws -> AdaptReport {
+        let composed = vlm as? ComposedVLM
+        var visionNormTarget: ComposedVLM?
+        if options.visionNorm ?? (options.mode == .default && composed?.hasVisionSource == true) {
+            guard let composed else { throw DatasetError(message: "--vision-norm needs a composed VLM (its vision encoder has batch norms)") }
+            visionNormTarget = composed
+        }
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         var evalOptions = EvalOptions()
         evalOptions.limit = options.evalLimit
@@ -343,7 +353,9 @@ public final class Adapter {
         let fingerprint = String(describing: options) + adaptData.name + modelName
         let beforeURL = out.appendingPathComponent("eval_before.json")
         let before: EvalReport
-        if let data = try? Data(contentsOf: beforeURL), let r = try? JSONDecoder().decode(EvalReport.self, from: data) {
+        let evalCount = min(options.evalLimit ?? Int.max, evalData.items.count)
+        if let data = try? Data(contentsOf: beforeURL), let r = try? JSONDecoder().decode(EvalReport.self, from: data),
+           r.dataset == evalData.name, r.items == evalCount {
             before = r
             log("eval before: reusing \(beforeURL.path) (accuracy \(String(format: "%.4f", r.accuracy)))")
         } else {
@@ -351,6 +363,12 @@ public final class Adapter {
             try writeJSON(before, to: beforeURL)
         }
         let steps = Adapter.schedule(items: adaptData.items, options: options)
+        if let composed = visionNormTarget {
+            let items = options.oneExample ? Array(adaptData.items.prefix(1)) : Array(adaptData.items.prefix(options.adaptSamples))
+            let corrections = try composed.matchVisionSource(items.compactMap { try $0.image?.load() })
+            try saveSafeTensors(corrections, metadata: ["ttrv": "vision batch-norm input corrections"], to: out.appendingPathComponent("vision_correction.safetensors"))
+            log("vision norm: matched \(corrections.count / 2) batch-norm layers to the source statistics on \(items.count) unlabelled images")
+        }
         guard !steps.isEmpty else { throw DatasetError(message: "adapt: \(options.adaptSamples) items make no batch of \(options.batchPrompts)") }
         var state = try resume(fingerprint: fingerprint) ?? AdaptState(completedSteps: 0, lastGoodStep: nil, stoppedEarly: nil, seconds: 0, optionsFingerprint: fingerprint)
         let logURL = out.appendingPathComponent("adapt_log.jsonl")

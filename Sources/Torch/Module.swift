@@ -46,6 +46,10 @@ open class Module {
         visit(prefix: prefix) { name, t, isBuffer in if isBuffer { out.append((name, t)) } }
         return out
     }
+    /// Every submodule with its dotted name (this module itself is "").
+    public func namedModules(prefix: String = "") -> [(name: String, module: Module)] {
+        [(prefix, self)] + children.flatMap { $0.module.namedModules(prefix: prefix.isEmpty ? $0.name : prefix + "." + $0.name) }
+    }
     public var parameters: [Tensor] { namedParameters().map(\.tensor) }
     public var trainableParameters: [(name: String, tensor: Tensor)] { namedParameters().filter { $0.tensor.requiresGrad } }
     public var parameterCount: Int { parameters.reduce(0) { $0 + $1.count } }
@@ -233,7 +237,43 @@ public final class BatchNorm2d: Module {
         registerBuffer("running_mean", runningMean)
         registerBuffer("running_var", runningVar)
     }
+    /// Statistics of this layer's input on the domain the model was trained on (see `calibration`).
+    public var source: (mean: Tensor, variance: Tensor)?
+    /// Label-free test-time recalibration (after Schneider et al. 2020, "covariate shift
+    /// adaptation"): `.measureSource` records the batch's input statistics as `source`;
+    /// `.matchSource` fixes a per-channel affine map that gives the batch's input the source's
+    /// mean and variance. Measured on one batch in one forward pass, so every layer sees the
+    /// already corrected output of the layers before it. `.off` (the default) only applies a
+    /// correction fixed earlier, if any.
+    public enum Calibration: Sendable { case off, measureSource, matchSource }
+    public var calibration = Calibration.off
+    public private(set) var correction: (scale: Tensor, shift: Tensor)?
+
     public func callAsFunction(_ x: Tensor) throws -> Tensor {
-        try F.batchNorm(x, weight: weight, bias: bias, mean: runningMean, variance: runningVar, eps: eps)
+        var x = x
+        switch calibration {
+        case .off: break
+        case .measureSource:
+            source = try (x.mean([0, 2, 3]), x.variance([0, 2, 3], unbiased: false))
+        case .matchSource:
+            guard let source else { throw TorchError("batch norm: no source statistics to match") }
+            let m = try x.mean([0, 2, 3]), v = try x.variance([0, 2, 3], unbiased: false)
+            let scale = try ((source.variance + eps) / (v + eps)).sqrt()
+            try setCorrection(scale: scale, shift: source.mean - scale * m)
+        }
+        if let c = correction {
+            x = try x * c.scale.view([1, -1, 1, 1]) + c.shift.view([1, -1, 1, 1])
+        }
+        return try F.batchNorm(x, weight: weight, bias: bias, mean: runningMean, variance: runningVar, eps: eps)
+    }
+
+    /// Sets (or with nil, removes) the input correction x → scale·x + shift, per channel.
+    public func setCorrection(scale: Tensor?, shift: Tensor?) throws {
+        guard let scale, let shift else { correction = nil; return }
+        let n = weight.size(0)
+        guard scale.shape == [n], shift.shape == [n] else {
+            throw TorchError("batch norm correction has shapes \(scale.shape) and \(shift.shape), expected [\(n)]")
+        }
+        correction = (scale, shift)
     }
 }

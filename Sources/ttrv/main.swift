@@ -24,7 +24,7 @@ struct TTRVCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ttrv",
         abstract: "Test-time reinforcement learning for vision-language models.",
-        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Demo.self, BenchCommand.self]
+        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self]
     )
 }
 
@@ -174,6 +174,27 @@ func parseStyle(_ s: String) throws -> AnswerStyle {
     return v
 }
 
+struct Calibrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure a composed VLM's vision batch-norm statistics on its (clean) training data, for --vision-norm.")
+    @Option(help: "A composed model directory or `default`.") var model: String = "default"
+    @Option(help: "Clean, in-domain images (labels unused).") var data: String = "fashion-mnist:train"
+    @Option var limit: Int = 512
+    @OptionGroup var runtime: RuntimeOptions
+
+    func run() throws {
+        runtime.apply()
+        guard let vlm = try VLMLoader.load(model) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
+        let images = try Dataset.open(data).items.prefix(limit).compactMap { try $0.image?.load() }
+        guard !images.isEmpty else { throw ValidationError("\(data) has no images") }
+        try vlm.measureVisionSource(images)
+        let dir = model == "default" ? VLMLoader.defaultModelDir : URL(fileURLWithPath: model)
+        let url = dir.appendingPathComponent(ComposedVLM.visionSourceFile)
+        try saveSafeTensors(try vlm.visionSourceStats(), metadata: ["data": data, "images": "\(images.count)"], to: url)
+        print("wrote \(url.path): statistics of \(vlm.encoder.batchNorms.count) batch-norm layers on \(images.count) images of \(data)")
+    }
+}
+
 struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Greedy accuracy of a VLM on a dataset (and maj@N / pass@N with --votes).")
 
@@ -186,12 +207,18 @@ struct Eval: ParsableCommand {
     @Option(help: "strict (a valid option only) or reference (the reference's letter parser).") var answers: String = "strict"
     @Option var seed: UInt64 = 0
     @Option(help: "Write the report (accuracy, items, per-item predictions) here.") var json: String?
+    @Option(name: .customLong("vision-norm"), help: "First match the vision encoder's batch-norm statistics on the first N items' images (unlabelled) to its training data's.") var visionNorm: Int?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
         runtime.apply()
         let vlm = try VLMLoader.load(model)
         let ds = try Dataset.open(data, seed: seed)
+        if let n = visionNorm {
+            guard let composed = vlm as? ComposedVLM else { throw ValidationError("--vision-norm needs a composed VLM") }
+            guard n >= 1 else { throw ValidationError("--vision-norm must be at least 1") }
+            try composed.matchVisionSource(ds.items.prefix(n).compactMap { try $0.image?.load() })
+        }
         var o = EvalOptions()
         o.limit = limit
         o.votes = votes
@@ -227,6 +254,7 @@ struct AdaptArguments: ParsableArguments {
     @Option(name: .customLong("kl-coef")) var klCoef: Double = 0.001
     @Option(name: .customLong("eval-limit")) var evalLimit: Int?
     @Option var seed: UInt64 = 0
+    @Flag(inversion: .prefixedNo, help: "First match the vision encoder's batch-norm statistics on the adaptation images to its training data's (default: on in default mode when the model has them, see `ttrv calibrate`).") var visionNorm: Bool?
     @Option(help: "Output directory (logs, checkpoints, adapted weights, report). Re-running resumes.") var out: String = "runs/adapt"
 
     func options() throws -> AdaptOptions {
@@ -254,6 +282,7 @@ struct AdaptArguments: ParsableArguments {
         o.klCoef = klCoef
         o.evalLimit = evalLimit
         o.seed = seed
+        o.visionNorm = visionNorm
         return o
     }
 }

@@ -116,6 +116,34 @@ final class EfficientNetTests: XCTestCase {
         XCTAssertLessThan(try (batched.narrow(dim: 0, start: 0, length: 1) - single).abs().max().item(), 1e-4)
     }
 
+    /// Test-time batch-norm matching: on the source images themselves it is the identity; on a
+    /// low-contrast copy it brings the encoder's tokens back towards the clean ones.
+    func testVisionNormMatchingUndoesAContrastShift() throws {
+        _ = try model() // skips when the weights are not installed
+        let encoder = EfficientNetEncoder(net: try EfficientNetLite.load(Self.weightsURL), imageSize: 112, cropPadding: 0)
+        let clean = try ["astronaut", "camera", "chelsea", "coffee", "rocket"].map { try Image.load(Self.dir.appendingPathComponent("\($0).png")) }
+        let shifted = clean.map { applyShift(.contrast, severity: 4, to: $0, seed: 0) }
+        func tokens(_ images: [Image]) throws -> Tensor { try Tensor.cat(images.map { try encoder.encode($0) }, dim: 0) }
+        let reference = try tokens(clean)
+        func distance(_ t: Tensor) throws -> Double { try ((t - reference).pow(2).sum() / reference.pow(2).sum()).item() }
+
+        try encoder.calibrate(clean, mode: .measureSource)
+        XCTAssertEqual(encoder.batchNorms.count, 49)
+        XCTAssertTrue(encoder.batchNorms.allSatisfy { $0.module.source != nil && $0.module.correction == nil })
+        XCTAssertEqual(try tokens(clean).floats(), try reference.floats(), "measuring leaves the encoder unchanged")
+
+        try encoder.calibrate(clean, mode: .matchSource)
+        XCTAssertLessThan(try distance(tokens(clean)), 1e-6, "matching the source to itself is the identity")
+
+        for (_, bn) in encoder.batchNorms { try bn.setCorrection(scale: nil, shift: nil) }
+        let before = try distance(tokens(shifted))
+        try encoder.calibrate(shifted, mode: .matchSource)
+        let after = try distance(tokens(shifted))
+        XCTAssertGreaterThan(before, 0.05, "the contrast shift moves the tokens")
+        XCTAssertLessThan(after, before / 2, "matching recovers most of the clean tokens (before \(before), after \(after))")
+        XCTAssertThrowsError(try encoder.calibrate([], mode: .matchSource))
+    }
+
     func testMissingWeightsFileIsNamed() {
         let url = URL(fileURLWithPath: "/nonexistent/efficientnet-lite0.pth")
         XCTAssertThrowsError(try EfficientNetLite.load(url)) { error in

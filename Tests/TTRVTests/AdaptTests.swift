@@ -89,3 +89,17 @@ final class AdaptTests: XCTestCase {
         XCTAssertTrue(Adapter.schedule(items: items, options: o).allSatisfy { $0.allSatisfy { $0.id == "0" } })
     }
 }
+
+final class AdaptVisionNormTests: XCTestCase {
+    func testVisionNormOnAModelWithoutBatchNormIsAClearError() throws {
+        var o = AdaptOptions()
+        o.visionNorm = true
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("adapt-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: out) }
+        let adapter = try Adapter(vlm: try TextVLM(), options: o, out: out, log: { _ in })
+        let data = Dataset(name: "one", items: [Item(id: "q", prompt: "which?", image: nil, answer: nil, options: nil, label: nil)])
+        XCTAssertThrowsError(try adapter.run(adaptData: data, evalData: data, modelName: "tiny")) {
+            XCTAssertTrue("\($0)".contains("--vision-norm needs a composed VLM"), "\($0)")
+        }
+    }
+}

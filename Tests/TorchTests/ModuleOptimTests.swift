@@ -104,3 +104,88 @@ final class ModuleOptimTests: XCTestCase {
         XCTAssertEqual(LRSchedule.constant.factor(at: 99), 1)
     }
 }
+
+/// Batch-norm recalibration against statistics and outputs computed by hand in Swift.
+final class BatchNormCalibrationTests: XCTestCase {
+    /// [N, C, H, W] values in row-major order and their per-channel mean and population variance.
+    func channelStats(_ x: [Double], n: Int, c: Int, hw: Int) -> (mean: [Double], variance: [Double]) {
+        var mean = [Double](repeating: 0, count: c), sq = [Double](repeating: 0, count: c)
+        for i in 0..<n { for ch in 0..<c { for k in 0..<hw {
+            let v = x[(i * c + ch) * hw + k]
+            mean[ch] += v
+            sq[ch] += v * v
+        } } }
+        let m = Double(n * hw)
+        let mu = mean.map { $0 / m }
+        return (mu, zip(sq, mu).map { $0 / m - $1 * $1 })
+    }
+
+    func assertClose(_ a: [Double], _ b: [Double], accuracy: Double, line: UInt = #line) {
+        XCTAssertEqual(a.count, b.count, line: line)
+        for (x, y) in zip(a, b) { XCTAssertEqual(x, y, accuracy: accuracy, line: line) }
+    }
+
+    func testMeasureThenMatchMapsTheBatchOntoTheSourceStatistics() throws {
+        let (n, c, h, w) = (3, 2, 2, 3)
+        let bn = try BatchNorm2d(c, eps: 1e-3)
+        try bn.runningMean.copy_(Tensor([0.5, -1] as [Float], shape: [2]))
+        try bn.runningVar.copy_(Tensor([2, 0.5] as [Float], shape: [2]))
+        try bn.weight.copy_(Tensor([1.5, 0.7] as [Float], shape: [2]))
+        try bn.bias.copy_(Tensor([0.1, -0.2] as [Float], shape: [2]))
+        var rng = SplitMix(seed: 1)
+        let source = (0..<(n * c * h * w)).map { _ in rng.uniform() * 4 - 1 }
+        // Target: a different affine version of each channel plus noise, as a corruption would give.
+        let target = source.enumerated().map { i, v in ((i / (h * w)) % c == 0 ? 0.2 * v + 3 : -0.5 * v) + 0.1 * rng.uniform() }
+        let src = try Tensor(source.map(Float.init), shape: [n, c, h, w])
+        let tgt = try Tensor(target.map(Float.init), shape: [n, c, h, w])
+
+        bn.calibration = .measureSource
+        let plain = try bn(src).floats()
+        bn.calibration = .off
+        let expectedSource = channelStats(source, n: n, c: c, hw: h * w)
+        assertClose(try bn.source!.mean.floats().map(Double.init), expectedSource.mean, accuracy: 1e-5)
+        assertClose(try bn.source!.variance.floats().map(Double.init), expectedSource.variance, accuracy: 1e-5)
+        XCTAssertEqual(plain, try bn(src).floats(), "measuring does not change the output")
+        XCTAssertNil(bn.correction)
+
+        bn.calibration = .matchSource
+        let matched = try bn(tgt).floats()
+        bn.calibration = .off
+        XCTAssertEqual(matched, try bn(tgt).floats(), "the correction stays in effect after matching")
+
+        // By hand: standardise each target channel, give it the source moments, then batch-norm
+        // with the running statistics.
+        let t = channelStats(target, n: n, c: c, hw: h * w)
+        let eps = 1e-3, rm = [0.5, -1.0], rv = [2.0, 0.5], g = [1.5, 0.7], b = [0.1, -0.2]
+        var expected: [Double] = [], corrected: [Double] = []
+        for (i, v) in target.enumerated() {
+            let ch = (i / (h * w)) % c
+            let x = (v - t.mean[ch]) / (t.variance[ch] + eps).squareRoot() * (expectedSource.variance[ch] + eps).squareRoot() + expectedSource.mean[ch]
+            corrected.append(x)
+            expected.append((x - rm[ch]) / (rv[ch] + eps).squareRoot() * g[ch] + b[ch])
+        }
+        assertClose(matched.map(Double.init), expected, accuracy: 1e-4)
+        let after = channelStats(corrected, n: n, c: c, hw: h * w)
+        assertClose(after.mean, expectedSource.mean, accuracy: 1e-9)
+
+        try bn.setCorrection(scale: nil, shift: nil)
+        XCTAssertEqual(try bn(src).floats(), plain, "removing the correction restores the plain layer")
+        XCTAssertThrowsError(try bn.setCorrection(scale: Tensor.ones([3]), shift: Tensor.zeros([3])))
+        let fresh = try BatchNorm2d(c)
+        fresh.calibration = .matchSource
+        XCTAssertThrowsError(try fresh(tgt)) { XCTAssertTrue("\($0)".contains("no source statistics")) }
+    }
+}
+
+/// A tiny deterministic generator for test data.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func uniform() -> Double {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return Double((z ^ (z >> 31)) >> 11) * 0x1p-53
+    }
+}
