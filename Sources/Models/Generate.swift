@@ -91,11 +91,12 @@ public struct TextGenerator {
         return try generateBatch(prepared, params: params)
     }
 
-    /// One continuation per prepared prompt, prefilled together with left padding; positions
-    /// travel with each prompt (M-RoPE prompts keep their 3-D positions). With 1-D positions the
-    /// token prefix all prompts share (e.g. the system prompt) is computed once and its cache
-    /// rows repeated.
-    public func generateBatch(_ prompts: [PreparedPrompt], params: SamplingParams) throws -> [Completion] {
+    /// `samples` continuations per prepared prompt (grouped by prompt), prompts prefilled together
+    /// with left padding and their cache rows then fanned out, so all samples of all prompts decode
+    /// as one batch; positions travel with each prompt (M-RoPE prompts keep their 3-D positions).
+    /// With 1-D positions the token prefix all prompts share (e.g. the system prompt) is computed
+    /// once and its cache rows repeated.
+    public func generateBatch(_ prompts: [PreparedPrompt], samples: Int = 1, params: SamplingParams) throws -> [Completion] {
         guard !prompts.isEmpty else { return [] }
         return try noGrad {
             let mrope = prompts.contains { $0.positions.rank == 3 }
@@ -124,8 +125,15 @@ public struct TextGenerator {
             }
             let hidden = try lm.forward(embeddings: Tensor.cat(rows, dim: 0), positions: Tensor.cat(posRows, dim: mrope ? 1 : 0),
                                         cache: cache, valid: valid.allSatisfy { $0 } ? nil : Tensor(valid, shape: [b, maxLen]))
-            let logits = try lm.logits(hidden.narrow(dim: 1, start: maxLen - 1, length: 1)).squeeze(1)
-            return try decode(cache: cache, firstLogits: logits, nextPositions: prompts.map(\.nextPosition), params: params, onText: nil)
+            var logits = try lm.logits(hidden.narrow(dim: 1, start: maxLen - 1, length: 1)).squeeze(1)
+            var next = prompts.map(\.nextPosition)
+            if samples > 1 {
+                let rows = (0..<b).flatMap { Array(repeating: $0, count: samples) }
+                try cache.selectRows(rows)
+                logits = try logits.indexSelect(dim: 0, index: Tensor(rows.map { Int64($0) }))
+                next = rows.map { next[$0] }
+            }
+            return try decode(cache: cache, firstLogits: logits, nextPositions: next, params: params, onText: nil)
         }
     }
 

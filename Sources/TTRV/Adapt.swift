@@ -100,13 +100,15 @@ public struct AdaptReport: Codable, Sendable {
     public var model: String
     public var mode: AdaptMode
     public var stoppedEarly: String?
+    /// Whether the vision encoder's batch-norm statistics were matched before the RL steps.
+    public var visionNorm: Bool
     public var options: AdaptOptions
     public var log: [StepLog]
 
     enum CodingKeys: String, CodingKey {
         case accuracyBefore = "accuracy_before", accuracyAfter = "accuracy_after", evalItems = "eval_items"
         case adaptItems = "adapt_items", steps, seconds, dataset, evalDataset = "eval_dataset", model, mode
-        case stoppedEarly = "stopped_early", options, log
+        case stoppedEarly = "stopped_early", visionNorm = "vision_norm", options, log
     }
 }
 
@@ -193,14 +195,16 @@ public final class Adapter {
     func step(_ batch: [Item], index: Int, epoch: Int, totalSteps: Int) throws -> (StepLog, CollapseGuard.StepStats) {
         let t0 = Date()
         let padId = vlm.tokenizer.padId ?? vlm.stopIds.first ?? 0
-        // 1. rollout: every prompt prefilled once, fanned out to `votes` samples.
+        // 1. rollout: every prompt prefilled once, fanned out to `votes` samples; all samples of
+        // the batch decode together.
+        let prompts = try noGrad { try batch.map { try vlm.prepare(text: $0.prompt, image: $0.image?.load(), system: nil) } }
+        let sampling = SamplingParams(temperature: options.temperature, topP: options.topP, maxTokens: options.maxNewTokens,
+                                      seed: options.seed &* 1_000_003 &+ UInt64(index))
+        let completions = try generator.generateBatch(prompts, samples: options.votes, params: sampling)
         var rollouts: [Rollout] = []
         for (i, item) in batch.enumerated() {
-            let image = try item.image?.load()
-            let prompt = try noGrad { try vlm.prepare(text: item.prompt, image: image, system: nil) }
-            let params = SamplingParams(temperature: options.temperature, topP: options.topP, maxTokens: options.maxNewTokens,
-                                        seed: options.seed &* 1_000_003 &+ UInt64(index * 1000 + i))
-            let samples = try generator.generate(prompt, samples: options.votes, params: params)
+            let prompt = prompts[i]
+            let samples = Array(completions[(i * options.votes)..<((i + 1) * options.votes)])
             let answers = samples.map { answerOf($0, item: item, style: options.answerStyle) }
             let vote = voteRewards(answers: answers, entropyCoef: options.entropyCoef,
                                    kind: options.reward == .majority ? .majority : .frequency, denominator: .allVotes)
@@ -413,7 +417,8 @@ public final class Adapter {
         let report = AdaptReport(accuracyBefore: before.accuracy, accuracyAfter: after.accuracy, evalItems: after.items,
                                  adaptItems: options.oneExample ? 1 : min(options.adaptSamples, adaptData.items.count),
                                  steps: state.completedSteps, seconds: state.seconds, dataset: adaptData.name, evalDataset: evalData.name,
-                                 model: modelName, mode: options.mode, stoppedEarly: state.stoppedEarly, options: options, log: logs)
+                                 model: modelName, mode: options.mode, stoppedEarly: state.stoppedEarly, visionNorm: visionNormTarget != nil,
+                                 options: options, log: logs)
         try writeJSON(report, to: out.appendingPathComponent("report.json"))
         try HTMLReport.write(report, before: before, after: after, to: out.appendingPathComponent("report.html"))
         return report

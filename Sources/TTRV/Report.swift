@@ -13,7 +13,7 @@ public enum HTMLReport {
         <h1>Test-time RL: \(esc(r.model))</h1>
         <p>Adapted on <b>\(r.adaptItems)</b> unlabelled items of <code>\(esc(r.dataset))</code> for \(r.steps) steps
         (\(String(format: "%.0f", r.seconds)) s, mode <code>\(r.mode.rawValue)</code>); evaluated on \(r.evalItems) items of
-        <code>\(esc(r.evalDataset))</code>.\(r.stoppedEarly.map { " <b>Stopped early</b>: \(esc($0))." } ?? "")</p>
+        <code>\(esc(r.evalDataset))</code>.\(r.visionNorm ? " Vision batch-norm statistics matched to the source before the RL steps." : "")\(r.stoppedEarly.map { " <b>Stopped early</b>: \(esc($0))." } ?? "")</p>
         <div class="charts">
         \(bars([("before", before.accuracy), ("after", after.accuracy)], title: "Greedy accuracy"))
         \(lines(steps, [("reward mean", r.log.map(\.rewardMean), "#1f77b4"), ("majority ratio", r.log.map(\.majorityRatio), "#ff7f0e"),

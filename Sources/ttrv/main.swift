@@ -370,7 +370,8 @@ struct Demo: ParsableCommand {
         var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out, "--lora-rank", "8"])
         a.model = "default"
         let r = try runAdapt(a)
-        print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images, adapted on %d unlabelled images)",
-                     100 * r.accuracyBefore, 100 * r.accuracyAfter, r.evalItems, r.adaptItems))
+        print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images; adapted on %d unlabelled images: %@%d RL steps)",
+                     100 * r.accuracyBefore, 100 * r.accuracyAfter, r.evalItems, r.adaptItems,
+                     r.visionNorm ? "vision batch-norm matching + " : "", r.steps))
     }
 }

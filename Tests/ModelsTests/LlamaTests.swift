@@ -107,6 +107,37 @@ final class LlamaTests: XCTestCase {
         }
     }
 
+    /// Fan-out of a batch: every sample of prompt i continues prompt i (greedy samples equal the
+    /// single greedy reply; sampled tokens' log-probs equal a plain forward over prompt + reply).
+    func testBatchFanOutKeepsEachSampleWithItsPrompt() throws {
+        let model = try LMLoader.loadHFModel(fixturesRoot.appendingPathComponent("lm/tiny-llama"))
+        let gen = TextGenerator(lm: model, tokenizer: try tinyTokenizer(), stopIds: [])
+        let prompts = [[11, 200, 37, 90, 4, 301, 5, 77], [11, 200, 37, 90, 4, 301, 120, 33, 250, 9, 41], [7, 400]]
+        let prepared = try prompts.map { p in
+            PreparedPrompt(embeddings: try model.embed(ids(p)), positions: try Tensor.arange(p.count).unsqueeze(0), nextPosition: p.count, tokenIds: p)
+        }
+        let greedy = try gen.generateBatch(prepared, samples: 2, params: .greedy(maxTokens: 6))
+        XCTAssertEqual(greedy.count, 6)
+        for (i, p) in prompts.enumerated() {
+            let single = try gen.generate(prompt: p, params: .greedy(maxTokens: 6))[0].tokens
+            XCTAssertEqual(greedy[2 * i].tokens, single)
+            XCTAssertEqual(greedy[2 * i + 1].tokens, single)
+        }
+        let sampled = try gen.generateBatch(prepared, samples: 3, params: SamplingParams(temperature: 1, topP: 1, maxTokens: 5, seed: 3))
+        XCTAssertEqual(sampled.count, 9)
+        for (k, out) in sampled.enumerated() {
+            let p = prompts[k / 3], t = out.tokens
+            let logp = try noGrad { () -> [Float] in
+                let all = p + t.dropLast()
+                let h = try model.forward(embeddings: model.embed(ids(all)), positions: Tensor.arange(all.count).unsqueeze(0), cache: nil, valid: nil)
+                let l = try model.logits(h.narrow(dim: 1, start: p.count - 1, length: t.count)).logSoftmax(dim: -1)
+                return try l.gather(dim: 2, index: Tensor(t.map { Int64($0) }, shape: [1, t.count, 1])).floats()
+            }
+            for (a, b) in zip(out.logprobs, logp) { XCTAssertEqual(a, b, accuracy: 1e-4, "sample \(k)") }
+        }
+        XCTAssertGreaterThan(Set(sampled.map(\.tokens)).count, 3, "samples differ")
+    }
+
     func testWrongWeightsAreReported() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
