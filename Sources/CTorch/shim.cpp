@@ -141,6 +141,7 @@ int tt_device(tt_tensor t, int *index) {
   return d.is_cuda() ? TT_CUDA : TT_CPU;
 }
 int64_t tt_numel(tt_tensor t) { return T(t).numel(); }
+int64_t tt_version(tt_tensor t) { return T(t)._version(); }
 int tt_is_contiguous(tt_tensor t) { return T(t).is_contiguous() ? 1 : 0; }
 void *tt_data_ptr(tt_tensor t) { return T(t).data_ptr(); }
 int tt_copy_out(tt_tensor t, void *dst, size_t nbytes) {

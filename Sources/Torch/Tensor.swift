@@ -117,6 +117,8 @@ public final class Tensor: @unchecked Sendable {
         }
     }
     public var count: Int { Int(read { tt_numel($0) }) }
+    /// In-place modification counter: changes whenever the data is modified in place.
+    public var version: Int { Int(read { tt_version($0) }) }
     public var isContiguous: Bool { read { tt_is_contiguous($0) } != 0 }
     public func size(_ dim: Int) -> Int { shape[dim < 0 ? dim + rank : dim] }
 

@@ -189,3 +189,47 @@ struct SplitMix {
         return Double((z ^ (z >> 31)) >> 11) * 0x1p-53
     }
 }
+
+final class LoRATests: XCTestCase {
+    /// y = W x + b + (alpha/r)·B A x, written out by hand in Swift.
+    func byHand(_ lora: LoRALinear, _ x: [Float], rows: Int) throws -> [Float] {
+        let w = try lora.base.weight.floats(), b = try lora.base.bias!.floats()
+        let a = try lora.loraA.floats(), bb = try lora.loraB.floats()
+        let (out, inp, r) = (lora.base.outFeatures, lora.base.inFeatures, lora.loraA.size(0))
+        var y: [Float] = []
+        for n in 0..<rows {
+            let xn = Array(x[(n * inp)..<((n + 1) * inp)])
+            let ax = (0..<r).map { k in (0..<inp).reduce(Float(0)) { $0 + a[k * inp + $1] * xn[$1] } }
+            for o in 0..<out {
+                let base = (0..<inp).reduce(b[o]) { $0 + w[o * inp + $1] * xn[$1] }
+                let low = (0..<r).reduce(Float(0)) { $0 + bb[o * r + $1] * ax[$1] }
+                y.append(base + Float(lora.scale) * low)
+            }
+        }
+        return y
+    }
+
+    func testMergedInferenceEqualsTheAdapterAndFollowsUpdates() throws {
+        let gen = Generator(seed: 3)
+        let lora = try LoRALinear(Linear(6, 5, bias: true, generator: gen), rank: 2, alpha: 4, generator: gen)
+        let xs = try Tensor.randn([3, 6], generator: gen)
+        let x = try xs.floats()
+        // B starts at zero: the wrapped layer equals the base layer.
+        XCTAssertEqual(try noGrad { try lora(xs) }.floats(), try lora.base(xs).floats())
+        for round in 0..<3 {
+            // In-place updates, as the optimiser makes them, must reach the merged weight.
+            try noGrad { try lora.loraB.copy_(Tensor.randn([5, 2], generator: gen)) }
+            let expected = try byHand(lora, x, rows: 3)
+            let merged = try noGrad { try lora(xs) }.floats()
+            let unmerged = try withGrad { try lora(xs) }.floats()
+            for (i, e) in expected.enumerated() {
+                XCTAssertEqual(merged[i], e, accuracy: 1e-4, "round \(round)")
+                XCTAssertEqual(unmerged[i], e, accuracy: 1e-4, "round \(round)")
+            }
+        }
+        lora.enabled = false
+        XCTAssertEqual(try noGrad { try lora(xs) }.floats(), try lora.base(xs).floats())
+        XCTAssertFalse(lora.base.weight.requiresGrad)
+        XCTAssertTrue(lora.loraA.requiresGrad && lora.loraB.requiresGrad)
+    }
+}

@@ -50,6 +50,8 @@ void tt_strides(tt_tensor t, int64_t *out);
 int tt_dtype(tt_tensor t);
 int tt_device(tt_tensor t, int *index);
 int64_t tt_numel(tt_tensor t);
+// in-place modification counter (bumped by every in-place op, e.g. an optimiser step)
+int64_t tt_version(tt_tensor t);
 int tt_copy_out(tt_tensor t, void *dst, size_t nbytes); // dst receives contiguous CPU data
 int tt_item(tt_tensor t, double *out);
 int tt_is_contiguous(tt_tensor t);
