@@ -200,14 +200,6 @@ public final class ComposedVLM: VisionLanguageModel {
         return out
     }
 
-    /// Applies corrections saved by `visionCorrections` (nil or empty removes them).
-    public func setVisionCorrections(_ c: [String: Tensor]?) throws {
-        for (name, bn) in encoder.batchNorms {
-            try bn.setCorrection(scale: c?[name + ".scale"], shift: c?[name + ".shift"])
-        }
-        clearFeatureCache()
-    }
-
     func clearFeatureCache() {
         cacheLock.lock()
         featureCache.removeAll()

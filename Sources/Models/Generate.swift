@@ -51,52 +51,33 @@ public struct TextGenerator {
     /// `samples` continuations of one prompt. The prompt is prefilled once and its cache is
     /// fanned out to every sample; `onText` streams the first sample's text as it is produced.
     public func generate(prompt: [Int], samples: Int = 1, params: SamplingParams, onText: ((String) -> Void)? = nil) throws -> [Completion] {
-        let ids = try Tensor(prompt.map { Int64($0) }, shape: [1, prompt.count])
-        return try generate(promptEmbeddings: noGrad { try lm.embed(ids) }, samples: samples, params: params, onText: onText)
+        try generateBatch([prepared(prompt)], samples: samples, params: params, onText: onText)
     }
 
-    /// As `generate(prompt:)` for a prompt already embedded ([1, T, hidden]; VLMs splice image
-    /// embeddings in). `positions` default to 0..<T and decoding continues at `nextPosition`
-    /// (default T); multimodal-RoPE models pass their own.
-    public func generate(promptEmbeddings: Tensor, positions: Tensor? = nil, nextPosition: Int? = nil, samples: Int = 1,
-                         params: SamplingParams, onText: ((String) -> Void)? = nil) throws -> [Completion] {
-        try noGrad {
-            let t = promptEmbeddings.size(1)
-            let cache = KVCache(layers: lm.layerCount, capacity: t + params.maxTokens + 1)
-            let pos = try positions ?? Tensor.arange(t).unsqueeze(0)
-            let hidden = try lm.forward(embeddings: promptEmbeddings, positions: pos, cache: cache, valid: nil)
-            var logits = try lm.logits(hidden.narrow(dim: 1, start: hidden.size(1) - 1, length: 1)).squeeze(1)
-            if samples > 1 {
-                try cache.selectRows(Array(repeating: 0, count: samples))
-                logits = try logits.expand([samples, logits.size(1)])
-            }
-            return try decode(cache: cache, firstLogits: logits, nextPositions: Array(repeating: nextPosition ?? t, count: samples),
-                              params: params, onText: onText)
-        }
-    }
-
+    /// As `generate(prompt:)` for a prompt with image embeddings spliced in (and, for
+    /// multimodal RoPE, its own positions).
     public func generate(_ prompt: PreparedPrompt, samples: Int = 1, params: SamplingParams, onText: ((String) -> Void)? = nil) throws -> [Completion] {
-        try generate(promptEmbeddings: prompt.embeddings, positions: prompt.positions, nextPosition: prompt.nextPosition,
-                     samples: samples, params: params, onText: onText)
+        try generateBatch([prompt], samples: samples, params: params, onText: onText)
     }
 
     /// One continuation per prompt, prompts of different lengths prefilled together (left padding).
     public func generateBatch(prompts: [[Int]], params: SamplingParams) throws -> [Completion] {
-        let prepared = try noGrad {
-            try prompts.map { p in
-                PreparedPrompt(embeddings: try lm.embed(Tensor(p.map { Int64($0) }, shape: [1, p.count])),
-                               positions: try Tensor.arange(p.count).unsqueeze(0), nextPosition: p.count, tokenIds: p)
-            }
-        }
-        return try generateBatch(prepared, params: params)
+        try generateBatch(prompts.map(prepared), params: params)
+    }
+
+    /// A token prompt as a prepared one (positions 0..<T).
+    private func prepared(_ ids: [Int]) throws -> PreparedPrompt {
+        PreparedPrompt(embeddings: try noGrad { try lm.embed(Tensor(ids.map { Int64($0) }, shape: [1, ids.count])) },
+                       positions: try Tensor.arange(ids.count).unsqueeze(0), nextPosition: ids.count, tokenIds: ids)
     }
 
     /// `samples` continuations per prepared prompt (grouped by prompt), prompts prefilled together
     /// with left padding and their cache rows then fanned out, so all samples of all prompts decode
     /// as one batch; positions travel with each prompt (M-RoPE prompts keep their 3-D positions).
     /// With 1-D positions the token prefix all prompts share (e.g. the system prompt) is computed
-    /// once and its cache rows repeated.
-    public func generateBatch(_ prompts: [PreparedPrompt], samples: Int = 1, params: SamplingParams) throws -> [Completion] {
+    /// once and its cache rows repeated. `onText` streams the first sample's text.
+    public func generateBatch(_ prompts: [PreparedPrompt], samples: Int = 1, params: SamplingParams,
+                              onText: ((String) -> Void)? = nil) throws -> [Completion] {
         guard !prompts.isEmpty else { return [] }
         return try noGrad {
             let mrope = prompts.contains { $0.positions.rank == 3 }
@@ -128,12 +109,12 @@ public struct TextGenerator {
             var logits = try lm.logits(hidden.narrow(dim: 1, start: maxLen - 1, length: 1)).squeeze(1)
             var next = prompts.map(\.nextPosition)
             if samples > 1 {
-                let rows = (0..<b).flatMap { Array(repeating: $0, count: samples) }
-                try cache.selectRows(rows)
-                logits = try logits.indexSelect(dim: 0, index: Tensor(rows.map { Int64($0) }))
-                next = rows.map { next[$0] }
+                let source = (0..<b).flatMap { Array(repeating: $0, count: samples) } // prompt of each sample
+                try cache.selectRows(source)
+                logits = try logits.indexSelect(dim: 0, index: Tensor(source.map { Int64($0) }))
+                next = source.map { next[$0] }
             }
-            return try decode(cache: cache, firstLogits: logits, nextPositions: next, params: params, onText: nil)
+            return try decode(cache: cache, firstLogits: logits, nextPositions: next, params: params, onText: onText)
         }
     }
 

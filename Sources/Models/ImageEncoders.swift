@@ -6,20 +6,18 @@ import Torch
 public final class EfficientNetEncoder: ImageEncoder {
     public let net: EfficientNetLite
     public let imageSize: Int, cropPadding: Int
+    public let batchNorms: [(name: String, module: BatchNorm2d)]
     public var featureDim: Int { net.config.headChannels }
 
     public init(net: EfficientNetLite, imageSize: Int, cropPadding: Int) {
         self.net = net
         self.imageSize = imageSize
         self.cropPadding = cropPadding
+        batchNorms = net.namedModules().compactMap { m in (m.module as? BatchNorm2d).map { (m.name, $0) } }
     }
 
     public func encode(_ image: Image) throws -> Tensor {
         try noGrad { try net.imageTokens(EfficientNetLite.preprocess(image, size: imageSize, cropPadding: cropPadding)) }
-    }
-
-    public var batchNorms: [(name: String, module: BatchNorm2d)] {
-        net.namedModules().compactMap { m in (m.module as? BatchNorm2d).map { (m.name, $0) } }
     }
 
     public func calibrate(_ images: [Image], mode: BatchNorm2d.Calibration) throws {

@@ -592,5 +592,3 @@ public final class Qwen25VL: VisionLanguageModel {
         return (pos, (pos.flatMap { $0 }.max() ?? -1) + 1)
     }
 }
-
-// MARK: - batched prefill of prepared prompts

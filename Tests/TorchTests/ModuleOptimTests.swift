@@ -132,10 +132,12 @@ final class BatchNormCalibrationTests: XCTestCase {
         try bn.runningVar.copy_(Tensor([2, 0.5] as [Float], shape: [2]))
         try bn.weight.copy_(Tensor([1.5, 0.7] as [Float], shape: [2]))
         try bn.bias.copy_(Tensor([0.1, -0.2] as [Float], shape: [2]))
-        var rng = SplitMix(seed: 1)
-        let source = (0..<(n * c * h * w)).map { _ in rng.uniform() * 4 - 1 }
+        let gen = Generator(seed: 1)
+        let count = n * c * h * w
+        let source = try Tensor.rand([count], dtype: .float64, generator: gen).doubles().map { $0 * 4 - 1 }
+        let noise = try Tensor.rand([count], dtype: .float64, generator: gen).doubles()
         // Target: a different affine version of each channel plus noise, as a corruption would give.
-        let target = source.enumerated().map { i, v in ((i / (h * w)) % c == 0 ? 0.2 * v + 3 : -0.5 * v) + 0.1 * rng.uniform() }
+        let target = source.enumerated().map { i, v in ((i / (h * w)) % c == 0 ? 0.2 * v + 3 : -0.5 * v) + 0.1 * noise[i] }
         let src = try Tensor(source.map(Float.init), shape: [n, c, h, w])
         let tgt = try Tensor(target.map(Float.init), shape: [n, c, h, w])
 
@@ -174,19 +176,6 @@ final class BatchNormCalibrationTests: XCTestCase {
         let fresh = try BatchNorm2d(c)
         fresh.calibration = .matchSource
         XCTAssertThrowsError(try fresh(tgt)) { XCTAssertTrue("\($0)".contains("no source statistics")) }
-    }
-}
-
-/// A tiny deterministic generator for test data.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func uniform() -> Double {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return Double((z ^ (z >> 31)) >> 11) * 0x1p-53
     }
 }
 
