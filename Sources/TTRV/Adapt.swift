@@ -159,6 +159,8 @@ public final class Adapter {
     var reference: [Tensor]?
     /// The command line that started the run, for the report.
     public var command: String?
+    /// When the collapse guard stops a run (default mode).
+    public var guardThresholds = CollapseGuard.Thresholds()
 
     public init(vlm: VisionLanguageModel, options: AdaptOptions, out: URL, log: @escaping (String) -> Void) throws {
         self.vlm = vlm
@@ -209,7 +211,7 @@ public final class Adapter {
         var logs = try readLog().filter { $0.step < run.completedSteps }
         if run.completedSteps > 0 { log("resuming after step \(run.completedSteps) of \(steps.count)") }
         // The guard's whole state follows from the steps it has seen: replay them.
-        var guardian = CollapseGuard()
+        var guardian = CollapseGuard(thresholds: guardThresholds)
         var lastGood: [Tensor]? = try restoredLastGood(run)
         for l in logs where options.mode == .default { guardian.observe(l.guardStats) }
         let progress = Progress("adapt", total: steps.count)

@@ -68,6 +68,7 @@ struct Generate: ParsableCommand {
     @Option var seed: UInt64 = 0
     @Flag(name: .customLong("raw"), help: "Send the prompt as is, without the chat template.") var raw = false
     @Option(help: "An image for a VLM (--model is then a VLM directory or `default`).") var image: String?
+    @Option(help: "Apply an adaptation run's result first (its directory or an adapted.safetensors file).") var weights: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func validate() throws {
@@ -80,9 +81,11 @@ struct Generate: ParsableCommand {
     func run() throws {
         runtime.apply()
         let params = SamplingParams(temperature: temperature, topP: topP, topK: topK, maxTokens: maxTokens, seed: seed)
-        if let image {
-            let vlm = try ModelRegistry.load(model == "default-lm" ? "default" : model)
-            let prompt = try vlm.prepare(text: self.prompt, image: Image.load(URL(fileURLWithPath: image)), system: system)
+        if image != nil || weights != nil {
+            let vlm = try ModelRegistry.load(model == "default-lm" && image != nil ? "default" : model)
+            if let weights { eprint("weights: " + (try AdaptedWeights.apply(URL(fileURLWithPath: weights), to: vlm))) }
+            let picture = try image.map { try Image.load(URL(fileURLWithPath: $0)) }
+            let prompt = try vlm.prepare(text: self.prompt, image: picture, system: system)
             let gen = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
             for (i, c) in try gen.generate(prompt, samples: samples, params: params).enumerated() {
                 print(samples > 1 ? "--- sample \(i + 1) (\(c.tokens.count) tokens, \(c.finish.rawValue))\n\(c.text)" : c.text)
@@ -202,29 +205,39 @@ struct Eval: ParsableCommand {
     @Option(help: "fashion-mnist:test, fashion-mnist-c:<shift>:<1-5>, easy-vqa:test, or a .json/.jsonl file.") var data: String
     @Option var limit: Int?
     @Option(help: "Samples per item for maj@N and pass@N (0 = greedy only).") var votes: Int = 0
-    @Option(name: .customLong("batch-size")) var batchSize: Int = 16
-    @Option(name: .customLong("max-tokens")) var maxTokens: Int = 16
-    @Option(help: "strict (a valid option only) or reference (the reference's letter parser).") var answers: String = "strict"
+    @Option(name: .customLong("batch-size"), help: "Prompts per batch (default 16, or the run's with --weights).") var batchSize: Int?
+    @Option(name: .customLong("max-tokens"), help: "Default 16, or the run's with --weights.") var maxTokens: Int?
+    @Option(help: "strict (a valid option only) or reference (the reference's letter parser); default strict, or the run's.") var answers: String?
     @Option var seed: UInt64 = 0
     @Option(help: "Write the report (accuracy, items, per-item predictions) here.") var json: String?
+    @Option(help: "Apply an adaptation run's result first: its directory (weights, vision corrections and eval settings) or an adapted.safetensors file.") var weights: String?
     @Option(name: .customLong("vision-norm"), help: "First match the vision encoder's batch-norm statistics on the first N items' images (unlabelled) to its training data's.") var visionNorm: Int?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
         runtime.apply()
         let vlm = try ModelRegistry.load(model)
+        var o = EvalOptions()
+        if let weights {
+            let url = URL(fileURLWithPath: weights)
+            eprint("weights: " + (try AdaptedWeights.apply(url, to: vlm)))
+            if let run = try AdaptedWeights.runOptions(url) {
+                o.maxTokens = run.maxNewTokens
+                o.batchSize = run.evalBatch
+                o.answerMode = run.answerStyle
+            }
+        }
         let ds = try Dataset.open(data, seed: seed)
         if let n = visionNorm {
             guard let composed = vlm as? ComposedVLM else { throw ValidationError("--vision-norm needs a composed VLM") }
             guard n >= 1 else { throw ValidationError("--vision-norm must be at least 1") }
             try composed.matchVisionSource(ds.items.prefix(n).compactMap { try $0.image?.load() })
         }
-        var o = EvalOptions()
         o.limit = limit
         o.votes = votes
-        o.batchSize = batchSize
-        o.maxTokens = maxTokens
-        o.answerMode = try parseStyle(answers)
+        if let batchSize { o.batchSize = batchSize }
+        if let maxTokens { o.maxTokens = maxTokens }
+        if let answers { o.answerMode = try parseStyle(answers) }
         o.seed = seed
         let r = try Evaluator.run(vlm, dataset: ds, modelName: model, options: o)
         var line = String(format: "%@: accuracy %.4f on %d items (invalid %.3f), %.1f images/s", ds.name, r.accuracy, r.items, r.invalidShare, r.imagesPerSecond)
@@ -393,7 +406,7 @@ struct Demo: ParsableCommand {
         runtime.apply()
         // The default VLM already carries LoRA adapters; adapting them (and the projector) keeps
         // the demo within its time budget on 2 cores.
-        var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out, "--lora-rank", "8"])
+        var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out])
         a.model = "default"
         let r = try runAdapt(a)
         print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images; adapted on %d unlabelled images: %@%d RL steps)",
