@@ -317,6 +317,7 @@ public final class LlamaForCausalLM: Module, CausalLM {
         return try model.decode(embeddings, cos: cos, sin: sin, cache: cache, valid: valid)
     }
 
+    /// In fp32 under every precision: bf16 logits resolve only 0.125 near 25, which turns close calls into ties.
     public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, lmHead) }
 
     /// Convenience: logits for token ids [B, T] (no cache, positions 0..<T).

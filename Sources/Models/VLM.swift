@@ -31,6 +31,8 @@ public enum ModelPart: String, CaseIterable, Codable, Sendable {
     case projector
     /// The language model; its LoRA adapters instead when it carries some.
     case lm
+    /// Every parameter (full fine-tuning; with LoRA, the base weights and the adapters).
+    case all
 }
 
 /// Where each part lives in a model's module tree.
@@ -88,6 +90,7 @@ extension VisionLanguageModel {
         case .visionNorm: return p.vision.flatMap(\.normLayers)
         case .projector: return p.projector
         case .lm: return hasLoRA ? p.language.loraModules : [p.language]
+        case .all: return [module]
         }
     }
 
@@ -97,7 +100,7 @@ extension VisionLanguageModel {
         let all = module.namedParameters()
         // With LoRA the language model's base weights never train, even when a norm or the
         // embedding of the language model is named by another part.
-        let base = hasLoRA ? Set(parts.language.parameters.map(ObjectIdentifier.init))
+        let base = hasLoRA && !selected.contains(.all) ? Set(parts.language.parameters.map(ObjectIdentifier.init))
             .subtracting(parts.language.loraModules.flatMap(\.parameters).map(ObjectIdentifier.init)) : []
         return all.filter { wanted.contains(ObjectIdentifier($0.tensor)) && !base.contains(ObjectIdentifier($0.tensor)) }
     }

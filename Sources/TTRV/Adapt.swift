@@ -85,6 +85,9 @@ public struct StepLog: Codable, Sendable, Equatable {
     public var clipFraction: Double
     /// max |log π(token) − log π_old(token)| over the step's trained tokens: 0 while strictly on-policy.
     public var ratioMaxAbsLog: Double
+    /// max |log π_train − log π_sampler| over trained tokens: how closely the training forward reproduces
+    /// the sampler (≈1e-6 in fp32; bf16 rounds the two paths differently, hence old log-probs from the trainer).
+    public var samplerMaxAbsLog: Double
     public var gradNorm: Double
     public var updates: Int
     public var skippedUpdates: Int
@@ -103,6 +106,7 @@ public struct StepLog: Codable, Sendable, Equatable {
         case step, epoch, rewardMean = "reward_mean", rewardStd = "reward_std", majorityRatio = "majority_ratio"
         case invalidShare = "invalid_share", answerEntropy = "answer_entropy", responseLength = "response_length"
         case kl, pgLoss = "pg_loss", clipFraction = "clip_fraction", ratioMaxAbsLog = "ratio_max_abs_log"
+        case samplerMaxAbsLog = "sampler_max_abs_log"
         case gradNorm = "grad_norm", updates, skippedUpdates = "skipped_updates", lr, seconds
         case rolloutSeconds = "rollout_s", oldRefSeconds = "old_ref_logprob_s", trainSeconds = "fwd_bwd_s"
         case optimizerSeconds = "optimizer_s", labelAccuracy = "label_accuracy", majorities

@@ -19,12 +19,15 @@ extension Adapter {
 
     /// The log-probs the loss compares against, per trained prompt: old (the sampling policy) and reference.
     struct Targets {
-        var old: Tensor
+        /// nil: the training forward's own, detached (one update per step under bf16, see `logprobTargets`).
+        var old: Tensor?
         var reference: Tensor?
+        /// The sampler's log-probs, to report how far the training forward is from them.
+        var sampler: Tensor
     }
 
     struct UpdateStats {
-        var kl = 0.0, pgLoss = 0.0, clipFraction = 0.0, ratioMaxAbsLog = 0.0, gradNorm = 0.0
+        var kl = 0.0, pgLoss = 0.0, clipFraction = 0.0, ratioMaxAbsLog = 0.0, samplerMaxAbsLog = 0.0, gradNorm = 0.0
         var updates = 0, skipped = 0
         var trainSeconds = 0.0, optimizerSeconds = 0.0
     }
@@ -95,14 +98,24 @@ extension Adapter {
         return try GRPO.sequenceLogprobs(lm: vlm.lm, prompt: prepare(r.item), responses: r.trained, padId: padId)
     }
 
-    /// Old log-probs are the sampler's own at temperature 1 (same weights, same distribution); else
-    /// recomputed. Reference log-probs come from the starting policy, swapped in for the pass.
+    /// Old log-probs, so that the first update of a step is exactly on-policy: in fp32 at temperature 1 the
+    /// sampler's own (same weights, same distribution; tests hold the two paths equal). Under bf16 the
+    /// batched decode and the training forward round differently, so old log-probs come from the training
+    /// forward itself (as verl recomputes them): its own detached output when a step makes one update,
+    /// else one autograd-mode pass before the first update (the pass without autograd uses merged LoRA
+    /// weights, which round differently again). Reference log-probs come from the starting policy.
     func logprobTargets(_ rollouts: [Rollout], _ active: [Int]) throws -> [Int: Targets] {
         var targets: [Int: Targets] = [:]
+        let oneUpdate = options.resolvedMiniBatch >= active.count
         try noGrad {
             for i in active {
-                targets[i] = Targets(old: try options.temperature == 1 ? samplerLogprobs(rollouts[i])
-                                         : policyLogprobs(rollouts[i]).logp)
+                let sampler = try samplerLogprobs(rollouts[i])
+                var old: Tensor? = sampler
+                if options.temperature != 1 { old = try policyLogprobs(rollouts[i]).logp }
+                if Precision.current == .bf16 {
+                    old = oneUpdate ? nil : try withGrad { try policyLogprobs(rollouts[i]).logp.detach() }
+                }
+                targets[i] = Targets(old: old, sampler: sampler)
             }
             guard options.klCoef > 0, !active.isEmpty else { return }
             try withWeights(reference!) {
@@ -138,7 +151,11 @@ extension Adapter {
                 try withGrad {
                     let (logp, mask) = try policyLogprobs(rollouts[i])
                     let adv = try Tensor(advantages[i].map { Float($0) })
-                    let pg = try GRPO.policyLoss(logp: logp, oldLogp: t.old, advantages: adv, mask: mask, config: loss)
+                    let pg = try GRPO.policyLoss(logp: logp, oldLogp: t.old ?? logp.detach(), advantages: adv, mask: mask,
+                                                 config: loss)
+                    stats.samplerMaxAbsLog = max(stats.samplerMaxAbsLog, try noGrad {
+                        try ((logp - t.sampler).abs() * mask).max().item()
+                    })
                     var total = pg.loss
                     if let ref = t.reference {
                         let kl = try GRPO.lowVarKL(logp: logp, refLogp: ref, mask: mask)
@@ -185,6 +202,7 @@ extension Adapter {
             invalidShare: average(\.strictInvalid), answerEntropy: average(\.vote.normalizedEntropy),
             responseLength: average { Double($0.samples.reduce(0) { $0 + $1.tokens.count }) / Double($0.samples.count) },
             kl: u.kl, pgLoss: u.pgLoss, clipFraction: u.clipFraction, ratioMaxAbsLog: u.ratioMaxAbsLog,
+            samplerMaxAbsLog: u.samplerMaxAbsLog,
             gradNorm: u.gradNorm, updates: u.updates, skippedUpdates: u.skipped, lr: optimizer.lr, seconds: seconds,
             rolloutSeconds: rollout, oldRefSeconds: oldRef, trainSeconds: u.trainSeconds,
             optimizerSeconds: u.optimizerSeconds,

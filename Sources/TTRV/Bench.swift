@@ -11,7 +11,7 @@ public struct BenchEntry: Codable {
     public var peer_value: Double?
     public var ratio: Double?
     /// Times and memory are better when lower; rates when higher.
-    public var higherIsBetter: Bool { !["s", "ms", "MiB"].contains(unit) }
+    public var higherIsBetter: Bool { !["s", "ms", "MiB", "x"].contains(unit) }
 
     enum CodingKeys: String, CodingKey { case name, value, unit, peer_value, ratio }
 
@@ -46,8 +46,8 @@ public enum Bench {
 
     // MARK: foundation
 
-    public static func matmul(m: Int, k: Int, n: Int) throws -> Double {
-        let a = try Tensor.randn([m, k]), b = try Tensor.randn([k, n])
+    public static func matmul(m: Int, k: Int, n: Int, dtype: DType = .float32) throws -> Double {
+        let a = try Tensor.randn([m, k]).to(dtype), b = try Tensor.randn([k, n]).to(dtype)
         let t = try median(reps: 7) { _ = try a.matmul(b) }
         return 2 * Double(m * k * n) / t / 1e9
     }
@@ -171,10 +171,20 @@ public enum Bench {
                 "ttrv_optim_seconds": med(\.optimizerSeconds)]
     }
 
+    /// Greedy evaluation throughput of a VLM on the first `items` items of `data` (images/s, after a warm-up batch).
+    public static func evalImagesPerSecond(_ vlm: VisionLanguageModel, data: Dataset, items: Int = 64) throws -> Double {
+        var o = EvalOptions()
+        o.limit = min(16, items)
+        _ = try Evaluator.run(vlm, dataset: data, modelName: "warm-up", options: o, progressLabel: "bench eval warm-up")
+        vlm.clearImageCache()
+        o.limit = items
+        return try Evaluator.run(vlm, dataset: data, modelName: "bench", options: o, progressLabel: "bench eval").imagesPerSecond
+    }
+
     // MARK: reference
 
     /// Runs ../shared/bench/peer_ttrv.py with $PEER_PYTHON, returning its flat results by name.
-    public static func peer(mode: String, gguf: URL, log: (String) -> Void) -> [String: Double] {
+    public static func peer(mode: String, gguf: URL, precision: Precision = .fp32, log: (String) -> Void) -> [String: Double] {
         guard let python = ProcessInfo.processInfo.environment["PEER_PYTHON"], !python.isEmpty else { return [:] }
         let script = Paths.repoRoot.deletingLastPathComponent().appendingPathComponent("shared/bench/peer_ttrv.py")
         guard FileManager.default.fileExists(atPath: script.path) else {
@@ -184,8 +194,9 @@ public enum Bench {
         let out = FileManager.default.temporaryDirectory.appendingPathComponent("peer-\(mode)-\(getpid()).json")
         let p = Process()
         p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = [script.path, "--mode", mode, "--gguf", gguf.path, "--json", out.path]
-        log("peer: \(python) \(script.lastPathComponent) --mode \(mode) (takes a few minutes)")
+        let dtype = precision == .bf16 ? "bfloat16" : "float32"
+        p.arguments = [script.path, "--mode", mode, "--gguf", gguf.path, "--json", out.path, "--dtype", dtype]
+        log("peer: \(python) \(script.lastPathComponent) --mode \(mode) --dtype \(dtype) (takes a few minutes)")
         do {
             try p.run()
             p.waitUntilExit()
@@ -200,7 +211,8 @@ public enum Bench {
             return [:]
         }
         var d: [String: Double] = [:]
-        for r in results { if let n = r["name"] as? String, let v = r["value"] as? Double { d[n] = v } }
+        let suffix = precision == .bf16 ? "_bf16" : ""
+        for r in results { if let n = r["name"] as? String, let v = r["value"] as? Double { d[n + suffix] = v } }
         return d
     }
 

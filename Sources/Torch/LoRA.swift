@@ -11,6 +11,7 @@ public final class LoRA {
     /// plus an add per call. Rebuilt when W, A or B has been modified in place since (optimiser
     /// step, load, weight swap), which libtorch's version counters tell.
     private var merged: (weight: Tensor, versions: [Int])?
+    private var cast = CastCache(), baseCast = CastCache()
 
     init(inFeatures: Int, outFeatures: Int, rank: Int, alpha: Double, generator: Generator?) throws {
         // As PEFT: A is uniform(±1/√in), B starts at zero, so the layer starts equal to the base layer.
@@ -23,11 +24,13 @@ public final class LoRA {
 
     func apply(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
         guard !LibTorch.gradEnabled else {
-            return try F.linear(x, weight, bias) + F.linear(F.linear(x, a), b) * scale
+            // The adapter's two thin products stay fp32 under bf16: they are cheap, and small updates
+            // of B would round away in bf16.
+            return try F.linear(x, weight, bias, cache: &baseCast) + F.linear(F.linear(x, a), b) * scale
         }
         let versions = [weight.version, a.version, b.version]
         if merged?.versions != versions { merged = (try weight + b.matmul(a) * scale, versions) }
-        return try F.linear(x, merged!.weight, bias)
+        return try F.linear(x, merged!.weight, bias, cache: &cast)
     }
 }
 

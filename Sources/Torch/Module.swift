@@ -159,8 +159,10 @@ public final class Linear: Module {
     /// A low-rank adapter added to this layer (see `Module.addLoRA`).
     public private(set) var lora: LoRA?
 
+    private var cast = CastCache()
+
     public func callAsFunction(_ x: Tensor) throws -> Tensor {
-        guard let lora else { return try F.linear(x, weight, bias) }
+        guard let lora else { return try F.linear(x, weight, bias, cache: &cast) }
         return try lora.apply(x, weight: weight, bias: bias)
     }
 

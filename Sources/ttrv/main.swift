@@ -32,9 +32,18 @@ struct TTRVCommand: ParsableCommand {
 struct RuntimeOptions: ParsableArguments {
     @Option(help: "Threads for libtorch (default: all cores).")
     var threads: Int?
+    @Option(help: "Matrix products in bf16 (fp32 weights, optimiser and reductions) or fp32. Default: bf16 where the CPU multiplies bf16 natively.")
+    var dtype: String?
 
-    func apply() {
+    func apply() throws {
         LibTorch.threads = threads ?? ProcessInfo.processInfo.activeProcessorCount
+        if let dtype {
+            guard let p = Precision(rawValue: dtype) else { throw ValidationError("--dtype must be bf16 or fp32") }
+            Precision.current = p
+        } else {
+            Precision.current = Precision.cpuHasBF16 ? .bf16 : .fp32
+        }
+        eprint("precision: \(Precision.current.rawValue)" + (dtype == nil ? " (auto: the CPU \(Precision.cpuHasBF16 ? "has" : "lacks") native bf16)" : ""))
     }
 }
 
@@ -79,7 +88,7 @@ struct Generate: ParsableCommand {
     }
 
     func run() throws {
-        runtime.apply()
+        try runtime.apply()
         let params = SamplingParams(temperature: temperature, topP: topP, topK: topK, maxTokens: maxTokens, seed: seed)
         if image != nil || weights != nil {
             let vlm = try ModelRegistry.load(model == "default-lm" && image != nil ? "default" : model)
@@ -117,8 +126,9 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench", abstract: "Speed and memory benchmarks (use a release build).")
 
     @Option(help: "Where to merge the results.") var json: String = "bench-results.json"
-    @Option(help: "Which groups to run: foundation, generate, step.") var only: [String] = []
+    @Option(help: "Which groups to run: foundation, generate, step, eval.") var only: [String] = []
     @Option(help: "Threads (the reference pins 2).") var threads: Int = 2
+    @Option(help: "Only this precision (default: fp32, and bf16 where the CPU has it).") var dtype: Precision?
 
     func run() throws {
         LibTorch.threads = threads
@@ -128,36 +138,52 @@ struct BenchCommand: ParsableCommand {
             entries.append(BenchEntry(name: name, value: value, unit: unit))
             eprint(String(format: "%-34@ %12.2f %@", name as NSString, value, unit))
         }
-        if want("foundation") {
-            add("matmul_1024_gflops", try Bench.matmul(m: 1024, k: 1024, n: 1024), "GFLOP/s")
-            add("matmul_4096x1024x1024_gflops", try Bench.matmul(m: 4096, k: 1024, n: 1024), "GFLOP/s")
-            let (f, fb) = try Bench.blockStack()
-            add("llama12_forward_ms", f * 1000, "ms")
-            add("llama12_forward_backward_ms", fb * 1000, "ms")
-        }
+        let precisions = dtype.map { [$0] } ?? (Precision.cpuHasBF16 ? [.fp32, .bf16] : [.fp32])
         var peer: [String: Double] = [:]
-        if want("generate") {
-            let url = LMLoader.defaultLMPath()
-            let lm = try LMLoader.load(url)
-            let g = try Bench.generation(lm)
-            eprint("prompt: \(g.promptTokens) tokens")
-            add("prefill_tokens_per_s", g.prefillTokensPerS, "tok/s")
-            add("decode_batch1_tokens_per_s", g.decodeBatch1TokensPerS, "tok/s")
-            add("decode_batch32_tokens_per_s", g.decodeBatch32TokensPerS, "tok/s")
-            add("fanout32_tokens_per_s", g.fanout32TokensPerS, "tok/s")
-            peer.merge(Bench.peer(mode: "generate", gguf: url, log: eprint)) { a, _ in a }
-        }
-        if want("step") {
-            let url = LMLoader.defaultLMPath()
-            let lm = try LMLoader.load(url)
-            let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("ttrv-bench-\(getpid())")
-            defer { try? FileManager.default.removeItem(at: tmp) }
-            let s = try Bench.ttrvStep(lm, out: tmp)
-            for name in ["ttrv_step_seconds", "ttrv_rollout_seconds", "ttrv_old_ref_logprob_seconds", "ttrv_fwd_bwd_seconds", "ttrv_optim_seconds"] {
-                add(name, s[name]!, "s")
+        for precision in precisions {
+            Precision.current = precision
+            let sfx = precision == .bf16 ? "_bf16" : ""
+            eprint("— \(precision.rawValue)")
+            if want("foundation") {
+                let dt: DType = precision == .bf16 ? .bfloat16 : .float32
+                add("matmul_1024_gflops" + sfx, try Bench.matmul(m: 1024, k: 1024, n: 1024, dtype: dt), "GFLOP/s")
+                add("matmul_4096x1024x1024_gflops" + sfx, try Bench.matmul(m: 4096, k: 1024, n: 1024, dtype: dt), "GFLOP/s")
+                let (f, fb) = try Bench.blockStack()
+                add("llama12_forward_ms" + sfx, f * 1000, "ms")
+                add("llama12_forward_backward_ms" + sfx, fb * 1000, "ms")
             }
-            // Our peak includes the training step, so compare with the reference's step-mode peak.
-            peer.merge(Bench.peer(mode: "step", gguf: url, log: eprint)) { _, b in b }
+            if want("generate") {
+                let url = LMLoader.defaultLMPath()
+                let lm = try LMLoader.load(url)
+                let g = try Bench.generation(lm)
+                eprint("prompt: \(g.promptTokens) tokens")
+                add("prefill_tokens_per_s" + sfx, g.prefillTokensPerS, "tok/s")
+                add("decode_batch1_tokens_per_s" + sfx, g.decodeBatch1TokensPerS, "tok/s")
+                add("decode_batch32_tokens_per_s" + sfx, g.decodeBatch32TokensPerS, "tok/s")
+                add("fanout32_tokens_per_s" + sfx, g.fanout32TokensPerS, "tok/s")
+                peer.merge(Bench.peer(mode: "generate", gguf: url, precision: precision, log: eprint)) { a, _ in a }
+            }
+            if want("step") {
+                let url = LMLoader.defaultLMPath()
+                let lm = try LMLoader.load(url)
+                let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("ttrv-bench-\(getpid())")
+                defer { try? FileManager.default.removeItem(at: tmp) }
+                let s = try Bench.ttrvStep(lm, out: tmp)
+                for name in ["ttrv_step_seconds", "ttrv_rollout_seconds", "ttrv_old_ref_logprob_seconds",
+                             "ttrv_fwd_bwd_seconds", "ttrv_optim_seconds"] {
+                    add(name + sfx, s[name]!, "s")
+                }
+                // Our peak includes the training step, so compare with the reference's step-mode peak.
+                peer.merge(Bench.peer(mode: "step", gguf: url, precision: precision, log: eprint)) { _, b in b }
+            }
+            if want("eval") {
+                let data = try Dataset.open("fashion-mnist:test")
+                add("eval_images_per_s" + sfx, try Bench.evalImagesPerSecond(ModelRegistry.load("default"), data: data), "img/s")
+            }
+        }
+        if let step = entries.first(where: { $0.name == "ttrv_step_seconds" }),
+           let bf = entries.first(where: { $0.name == "ttrv_step_seconds_bf16" }) {
+            add("ttrv_step_bf16_over_fp32", bf.value / step.value, "x")
         }
         add("peak_rss_mib", Bench.peakRSSMiB(), "MiB")
         Bench.attach(&entries, peer: peer)
@@ -186,7 +212,7 @@ struct Calibrate: ParsableCommand {
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
-        runtime.apply()
+        try runtime.apply()
         guard let vlm = try ModelRegistry.load(model) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
         let images = try Dataset.open(data).items.prefix(limit).compactMap { try $0.image?.load() }
         guard !images.isEmpty else { throw ValidationError("\(data) has no images") }
@@ -215,7 +241,7 @@ struct Eval: ParsableCommand {
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
-        runtime.apply()
+        try runtime.apply()
         let vlm = try ModelRegistry.load(model)
         var o = EvalOptions()
         if let weights {
@@ -259,7 +285,7 @@ struct AdaptArguments: ParsableArguments {
     @Option(name: .customLong("train-samples")) var trainSamples: Int = 16
     @Option(help: "Learning rate (default 5e-7 in reference mode, else 2e-5).") var lr: Double?
     @Option(name: .customLong("lora-rank"), help: "Add LoRA adapters of this rank to the language model; `lm` then trains them.") var loraRank: Int?
-    @Option(help: "Parts to train: comma-separated vision, vision-norm, projector, lm, or all (default: the family's: the reference's choice).") var train: String?
+    @Option(help: "Parts to train, comma-separated: vision, vision-norm, projector, lm (its LoRA adapters when it has some), all (every weight). Default: the family's, as the reference trains it.") var train: String?
     @Option(name: .customLong("mini-batch-prompts"), help: "Prompts per optimiser update (default: 1 in reference mode, the whole step otherwise).") var miniBatchPrompts: Int?
     @Option(name: .customLong("checkpoint-every"), help: "Checkpoint every N steps (default: every step when small, else every 5; the last step always).") var checkpointEvery: Int?
     @Option(help: "frequency or majority.") var reward: String = "frequency"
@@ -314,10 +340,9 @@ struct AdaptArguments: ParsableArguments {
 }
 
 func parseParts(_ s: String) throws -> [ModelPart] {
-    if s == "all" { return [.vision, .projector, .lm] }
     return try s.split(separator: ",").map {
         guard let p = ModelPart(rawValue: String($0)) else {
-            throw ValidationError("--train: unknown part '\($0)' (vision, vision-norm, projector, lm, all)")
+            throw ValidationError("--train: unknown part '\($0)' (\(ModelPart.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
         return p
     }
@@ -346,7 +371,7 @@ struct Adapt: ParsableCommand {
     @OptionGroup var args: AdaptArguments
     @OptionGroup var runtime: RuntimeOptions
     func run() throws {
-        runtime.apply()
+        try runtime.apply()
         _ = try runAdapt(args)
     }
 }
@@ -370,7 +395,7 @@ struct Align: ParsableCommand {
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
-        runtime.apply()
+        try runtime.apply()
         let vlm: ComposedVLM
         if let model { vlm = try ComposedVLM.load(URL(fileURLWithPath: model)) } else {
             var c = ComposedConfig()
@@ -403,7 +428,7 @@ struct Demo: ParsableCommand {
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
-        runtime.apply()
+        try runtime.apply()
         // The default VLM already carries LoRA adapters; adapting them (and the projector) keeps
         // the demo within its time budget on 2 cores.
         var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out])
@@ -414,3 +439,5 @@ struct Demo: ParsableCommand {
                      r.visionNorm ? "vision batch-norm matching + " : "", r.steps))
     }
 }
+
+extension Precision: ExpressibleByArgument {}

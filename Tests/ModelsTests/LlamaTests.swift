@@ -231,3 +231,32 @@ final class SmolLM2Tests: XCTestCase {
         }
     }
 }
+
+/// The SmolLM2 parity checks with bf16 matrix products (PyTorch CPU autocast semantics) against the fp32
+/// transformers reference, with a bf16-sized tolerance: bf16 keeps 8 bits of mantissa, so the top logits
+/// (≈ 15–25) move by up to ≈ 0.2. That can reorder near-ties: for "What is the capital of France?" the fp32
+/// margin between "The" and "L" is 0.08 logits, and bf16 picks "L".
+final class SmolLM2BF16Tests: XCTestCase {
+    override func setUp() { Precision.current = .bf16 }
+    override func tearDown() { Precision.current = .fp32 }
+
+    func testLogitsUnderBF16() throws {
+        let path = LMLoader.defaultLMPath(repoRoot: repoRoot)
+        guard FileManager.default.fileExists(atPath: path.path) else { throw XCTSkip("run make setup: \(path.path) missing") }
+        let m = try SmolLM2Tests.shared ?? LMLoader.load(path)
+        let reference = try JSONSerialization.jsonObject(with: Data(contentsOf: fixturesRoot.appendingPathComponent(
+            "lm/smollm2_logits.json"))) as! [String: Any]
+        for p in reference["prompts"] as! [[String: Any]] {
+            let name = p["name"] as! String
+            let input = p["input_ids"] as! [Int]
+            let logits = try noGrad { try m.model(ids(input)).select(dim: 0, index: 0).select(dim: 0, index: input.count - 1) }
+            let refIds = p["last_logits_top20_ids"] as! [Int], refVals = p["last_logits_top20_values"] as! [Double]
+            let all = try logits.doubles()
+            for (id, v) in zip(refIds, refVals) {
+                XCTAssertLessThan(abs(all[id] - v), 0.3, "\(name): logit of token \(id) (fp32 reference \(v))")
+            }
+            // The reference's top token is still at the top, up to such a tie.
+            XCTAssertLessThan(all.max()! - all[refIds[0]], 0.3, "\(name): reference top token")
+        }
+    }
+}

@@ -230,3 +230,35 @@ final class LoRATests: XCTestCase {
         XCTAssertThrowsError(try root.addLoRA(rank: 0, alpha: 1, targets: ["other"], generator: gen))
     }
 }
+
+final class PrecisionTests: XCTestCase {
+    override func tearDown() { Precision.current = .fp32 }
+
+    /// bf16 autocast of a Linear: the product of the bf16-rounded operands accumulated in fp32, fp32 out;
+    /// the gradient reaches the fp32 weight; the cached bf16 copy follows in-place updates.
+    func testBF16LinearMatchesRoundedOperandsAndTrainsTheFP32Weight() throws {
+        let gen = Generator(seed: 7)
+        let layer = try Linear(64, 32, generator: gen)
+        let x = try Tensor.randn([5, 64], generator: gen)
+        Precision.current = .bf16
+        let y = try noGrad { try layer(x) }
+        XCTAssertEqual(y.dtype, .float32)
+        let rounded = try F.linear(x.to(.bfloat16).to(.float32), layer.weight.to(.bfloat16).to(.float32),
+                                   layer.bias!.to(.bfloat16).to(.float32))
+        let diff = try (y - rounded).abs().max().item()
+        XCTAssertLessThan(diff, 2e-2, "bf16 product vs rounded operands in fp32")
+        let exact = try F.linear(x, layer.weight, layer.bias)
+        XCTAssertGreaterThan(try (y - exact).abs().max().item(), 0, "bf16 really rounds")
+        try noGrad { try layer.weight.mul_(2) }
+        let y2 = try noGrad { try layer(x) }
+        XCTAssertLessThan(try (y2 - F.linear(x, layer.weight, layer.bias)).abs().max().item(), 0.1,
+                          "the cached bf16 weight follows an in-place update")
+        try layer.weight.requiresGrad(true)
+        try withGrad { try layer(x).sum().backward() }
+        let g = try XCTUnwrap(layer.weight.grad)
+        XCTAssertEqual(g.dtype, .float32)
+        // d(sum(xWᵀ))/dW = column sums of x, to bf16 accuracy.
+        let expected = try x.sum(dim: 0).unsqueeze(0).expand([32, 64])
+        XCTAssertLessThan(try (g - expected).abs().max().item(), 0.05 * (try expected.abs().max().item()))
+    }
+}
