@@ -24,7 +24,7 @@ struct TTRVCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ttrv",
         abstract: "Test-time reinforcement learning for vision-language models.",
-        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self]
+        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self, Report.self]
     )
 }
 
@@ -373,5 +373,17 @@ struct Demo: ParsableCommand {
         print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images; adapted on %d unlabelled images: %@%d RL steps)",
                      100 * r.accuracyBefore, 100 * r.accuracyAfter, r.evalItems, r.adaptItems,
                      r.visionNorm ? "vision batch-norm matching + " : "", r.steps))
+    }
+}
+
+struct Report: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "HTML report: one adapt run, one eval JSON, or several runs compared (with a CSV).",
+        discussion: "A run directory (ttrv adapt --out) gives its page (report.html, rebuilt); an eval JSON (ttrv eval --json) gives per-class accuracy, the confusion matrix and examples; several run directories give one page comparing them, seeds of the same configuration grouped into mean ± std, and a CSV next to it.")
+    @Argument(help: "Run directories or one eval JSON.") var inputs: [String]
+    @Option(help: "The HTML file to write (default: RUN_DIR/report.html, EVAL.html, or comparison.html); the CSV goes next to it.") var out: String?
+
+    func run() throws {
+        for url in try Reports.build(inputs: inputs, out: out) { print("wrote \(url.path)") }
     }
 }
