@@ -25,7 +25,8 @@ public enum Chart {
 
     public static let palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     public static let before = "#6b9bd1", after = "#e8772e"
-    static let width = 460.0, plotBackground = "#fcfcfc", gridColor = "#e4e4e4", axisColor = "#555"
+    public static let width = 460.0
+    static let plotBackground = "#fcfcfc", gridColor = "#e4e4e4", axisColor = "#555"
 
     /// A plot area inside a chart of the given size, with room for title, legend and axis labels.
     struct Frame {
@@ -109,11 +110,13 @@ public enum Chart {
 
     /// Horizontal grouped bars, one group per label (long labels fit on the left); `spread` draws error bars.
     public static func bars(title: String, valueLabel: String, labels: [String], series: [Series],
-                            floor: Double? = 0, ceiling: Double? = nil, format: (Double) -> String) -> String {
-        let labelWidth = min(210, max(50, Double(labels.map(\.count).max() ?? 4) * 6.2 + 12))
+                            floor: Double? = 0, ceiling: Double? = nil, chartWidth: Double = width,
+                            format: (Double) -> String) -> String {
+        let labelWidth = min(chartWidth * (chartWidth > width ? 0.6 : 0.45), max(50, Double(labels.map(\.count).max() ?? 4) * 6.2 + 12))
         let fits = Int((labelWidth - 12) / 6.2)
         let row = max(16.0, 10.0 * Double(series.count) + 8)
-        let frame = Frame(width: width, height: 58 + 44 + Double(labels.count) * row, left: labelWidth, right: 46, top: 58, bottom: 44)
+        let frame = Frame(width: chartWidth, height: 58 + 44 + Double(labels.count) * row, left: labelWidth, right: 46, top: 58,
+                          bottom: 44)
         var all: [Double] = []
         for s in series {
             for (i, v) in s.values.enumerated() where v.isFinite {
@@ -147,10 +150,11 @@ public enum Chart {
         if xa < 0 { body += tag("line", ["x1": n(px(0)), "y1": n(frame.top), "x2": n(px(0)), "y2": n(frame.top + frame.plotHeight),
                                          "stroke": axisColor]) }
         if all.isEmpty { body += noData(frame) }
-        // Long labels keep their end (where runs differ) and show in full as a tooltip.
+        // Long labels lose their middle and show in full as a tooltip.
         for (i, l) in labels.enumerated() where l.count > fits {
+            let keep = fits - 1
             body += tag("text", ["x": n(frame.left - 6), "y": n(frame.top + (Double(i) + 0.5) * row + 4), "font-size": "11",
-                                 "text-anchor": "end"], text: "…" + l.suffix(fits - 1), title: l)
+                                 "text-anchor": "end"], text: l.prefix(keep - keep / 2) + "…" + l.suffix(keep / 2), title: l)
         }
         let yAxis = labels.enumerated().map { (frame.top + (Double($0.offset) + 0.5) * row, $0.element.count > fits ? "" : $0.element) }
         let xAxis = xTicks.map { (px($0), label($0, step: xTicks[1] - xTicks[0])) }
@@ -207,7 +211,8 @@ public enum Chart {
     }
 
     static func openSVG(_ f: Frame, title: String) -> String {
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"chart\" width=\"\(n(f.width))\" height=\"\(n(f.height))\" "
+        // A chart wider than one column spans both.
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"chart\(f.width > width ? " wide" : "")\" width=\"\(n(f.width))\" height=\"\(n(f.height))\" "
             + "viewBox=\"0 0 \(n(f.width)) \(n(f.height))\" role=\"img\" font-family=\"system-ui, sans-serif\">"
             + tag("title", [:], text: title)
             + tag("text", ["x": "4", "y": "16", "font-size": "14", "font-weight": "bold"], text: title)

@@ -355,7 +355,7 @@ public enum HTMLReport {
         table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 9px;border-bottom:1px solid #e4e4e4;text-align:left}
         table.nums td,table.nums th{text-align:right}table.nums td:first-child{text-align:left}
         .charts{display:grid;grid-template-columns:repeat(2,480px);gap:12px 20px;align-items:start}
-        .chart{display:block;background:#fff}
+        .chart{display:block;background:#fff}.chart.wide{grid-column:span 2}
         .grid{display:grid;grid-template-columns:repeat(3,326px);gap:10px}
         table.runs{font-size:12px}table.runs td,table.runs th{padding:3px 6px}
         .card{display:flex;gap:10px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:12px}

@@ -111,14 +111,16 @@ public enum Reports {
         let befores = groups.map { meanStd($0.runs.map { 100 * $0.before.accuracy }) }
         let afters = groups.map { meanStd($0.runs.map { 100 * $0.after.accuracy }) }
         let f1 = { (x: Double) in String(format: "%.1f", x) }
+        // Long configuration labels get charts over the page's full width.
+        let barWidth = (labels.map(\.count).max() ?? 0) > 30 ? 2 * Chart.width + 20 : Chart.width
         h += "<div class=\"charts\">\n"
         h += Chart.bars(title: "Accuracy gain", valueLabel: "after − before (points), mean ± std", labels: labels,
                         series: [.init("gain", gains.map(\.0), color: Chart.palette[2], spread: gains.map(\.1))],
-                        floor: nil, format: { String(format: "%+.1f", $0) })
+                        floor: nil, chartWidth: barWidth, format: { String(format: "%+.1f", $0) })
         h += Chart.bars(title: "Accuracy before / after", valueLabel: "greedy accuracy (%), mean ± std", labels: labels,
                         series: [.init("before", befores.map(\.0), color: Chart.before, spread: befores.map(\.1)),
                                  .init("after", afters.map(\.0), color: Chart.after, spread: afters.map(\.1))],
-                        ceiling: 100, format: f1)
+                        ceiling: 100, chartWidth: barWidth, format: f1)
         if runs.count <= Chart.palette.count {
             let longest = runs.map { $0.steps.count }.max() ?? 0
             let x = (0..<longest).map { Double($0 + 1) }

@@ -13,7 +13,9 @@ final class ReportBrowserTests: XCTestCase {
     static let width = 1100
 
     static func chromium() -> String? {
-        if let path = ProcessInfo.processInfo.environment["CHROMIUM"] { return path }
+        if let path = ProcessInfo.processInfo.environment["CHROMIUM"] {
+            return FileManager.default.isExecutableFile(atPath: path) ? path : nil
+        }
         let dirs = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":")
         for name in ["chromium", "chromium-browser", "google-chrome"] {
             for d in dirs where FileManager.default.isExecutableFile(atPath: "\(d)/\(name)") { return "\(d)/\(name)" }
@@ -23,7 +25,7 @@ final class ReportBrowserTests: XCTestCase {
 
     func browser() throws -> String {
         guard let path = Self.chromium() else {
-            throw XCTSkip("no chromium on PATH (set CHROMIUM=/path or install Debian's chromium; `make setup` does): browser test skipped")
+            throw XCTSkip("browser test skipped: no chromium on PATH or at $CHROMIUM (`make setup` installs Debian's chromium)")
         }
         return path
     }
@@ -126,6 +128,21 @@ final class ReportBrowserTests: XCTestCase {
         }
         let page = try Reports.build(inputs: inputs, out: dir.appendingPathComponent("comparison.html").path)[0]
         try assertEveryChartDrawn(page, charts: 4)
+    }
+
+    /// The same check on real runs: `TTRV_REPORT_RUNS="runs/a runs/b" swift test --filter ReportBrowserTests`
+    /// (one directory: its page; several: the comparison). Skipped when the variable is unset.
+    func testGivenRunsReportDrawsEveryChart() throws {
+        guard let runs = ProcessInfo.processInfo.environment["TTRV_REPORT_RUNS"] else {
+            throw XCTSkip("set TTRV_REPORT_RUNS to check the reports of real run directories")
+        }
+        _ = try browser()
+        let dir = try SyntheticRun.tempDir("browser-given")
+        defer { keepOrRemove(dir) }
+        let page = try Reports.build(inputs: runs.split(separator: " ").map(String.init), out: dir.appendingPathComponent("given.html").path)[0]
+        let charts = try String(contentsOf: page, encoding: .utf8).components(separatedBy: "<rect class=\"plot\"").count - 1
+        XCTAssertGreaterThan(charts, 0)
+        try assertEveryChartDrawn(page, charts: charts)
     }
 
     /// The check can fail: an empty chart and a chart broken the way the old report was
