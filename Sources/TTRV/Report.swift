@@ -21,6 +21,8 @@ public struct StepRecord: Decodable, Sendable {
 /// eval_after.json and adapt_log.jsonl.
 public struct RunFiles: Sendable {
     public var name: String
+    /// Where the files are (nil for a run held only in memory).
+    public var directory: URL?
     public var report: AdaptReport
     public var before: EvalReport
     public var after: EvalReport
@@ -32,7 +34,8 @@ public struct RunFiles: Sendable {
         let after = try readJSON(EvalReport.self, dir.appendingPathComponent("eval_after.json"), what: "an eval report")
         let logURL = dir.appendingPathComponent("adapt_log.jsonl")
         let steps = FileManager.default.fileExists(atPath: logURL.path) ? try readLog(logURL) : try records(report.log)
-        return RunFiles(name: dir.standardizedFileURL.lastPathComponent, report: report, before: before, after: after, steps: steps)
+        return RunFiles(name: dir.standardizedFileURL.lastPathComponent, directory: dir.standardizedFileURL, report: report,
+                        before: before, after: after, steps: steps)
     }
 
     static func readLog(_ url: URL) throws -> [StepRecord] {

@@ -18,20 +18,24 @@ public enum Reports {
             } else if url.lastPathComponent == "report.json" {
                 runs.append(try RunFiles.load(url.deletingLastPathComponent()))
             } else {
-                evals.append((url.lastPathComponent, try readJSON(EvalReport.self, url, what: "an eval report (`ttrv eval --json`)")))
+                let eval = try readJSON(EvalReport.self, url, what: "an eval report (`ttrv eval --json`)")
+                evals.append((url.lastPathComponent, eval))
             }
         }
         if !evals.isEmpty && (evals.count > 1 || !runs.isEmpty) {
-            throw DatasetError(message: "report: give one eval JSON on its own, or run directories (\(inputs.joined(separator: " ")))")
+            let given = inputs.joined(separator: " ")
+            throw DatasetError(message: "report: give one eval JSON on its own, or run directories (\(given))")
         }
         if let (name, eval) = evals.first {
             let url = URL(fileURLWithPath: out ?? (inputs[0] as NSString).deletingPathExtension + ".html")
             try HTMLReport.writeAtomically(HTMLReport.evalPage(eval, name: name), to: url)
             return [url]
         }
-        let html = URL(fileURLWithPath: out ?? (runs.count == 1 ? inputs[0] + "/report.html" : "comparison.html"))
+        let html = out.map { URL(fileURLWithPath: $0) }
+            ?? (runs.count == 1 ? runs[0].directory!.appendingPathComponent("report.html") : URL(fileURLWithPath: "comparison.html"))
         let csv = html.deletingPathExtension().appendingPathExtension("csv")
-        try HTMLReport.writeAtomically(runs.count == 1 ? HTMLReport.runPage(runs[0]) : comparisonPage(runs), to: html)
+        let page = runs.count == 1 ? HTMLReport.runPage(runs[0]) : comparisonPage(runs, at: html.deletingLastPathComponent())
+        try HTMLReport.writeAtomically(page, to: html)
         try HTMLReport.writeAtomically(csvText(runs), to: csv)
         return [html, csv]
     }
@@ -98,7 +102,8 @@ public enum Reports {
 
     static func gain(_ r: RunFiles) -> Double { r.after.accuracy - r.before.accuracy }
 
-    static func comparisonPage(_ runs: [RunFiles]) -> String {
+    /// `page` is the folder the page is written to, for links to each run's own report.
+    static func comparisonPage(_ runs: [RunFiles], at page: URL? = nil) -> String {
         let diff = differing(runs), groups = groups(runs, differing: diff)
         let esc = HTMLReport.esc
         var h = "<h1>ttrv: \(runs.count) adaptation runs compared</h1>\n"
@@ -139,19 +144,33 @@ public enum Reports {
             h += "<tr><td>\(esc(g.label))</td><td>\(g.runs.count)</td><td>\(pm(befores[i]))</td><td>\(pm(afters[i]))</td>"
             h += "<td>\(g.runs.count > 1 ? String(format: "%+.1f ± %.1f", gains[i].0, gains[i].1) : String(format: "%+.1f", gains[i].0))</td></tr>\n"
         }
-        h += "</table>\n<h2>Runs</h2>\n" + runTable(runs, differing: diff)
+        h += "</table>\n<h2>Runs</h2>\n" + runTable(runs, differing: diff, page: page)
         return HTMLReport.page(title: "ttrv: \(runs.count) runs compared", body: h)
     }
 
-    static func runTable(_ runs: [RunFiles], differing: [String]) -> String {
+    static func runTable(_ runs: [RunFiles], differing: [String], page: URL?) -> String {
         let esc = HTMLReport.esc
         var h = "<table class=\"nums runs\"><tr>" + columns.map { "<th>\(esc($0))</th>" }.joined() + "</tr>\n"
         for r in runs {
             let cells = row(r, differing: differing)
-            h += "<tr><td><a href=\"\(esc(r.name))/report.html\">\(esc(cells[0]))</a></td>"
+            let name = esc(cells[0])
+            if let dir = r.directory {
+                h += "<tr><td><a href=\"\(esc(Self.link(to: dir.appendingPathComponent("report.html"), from: page)))\">\(name)</a></td>"
+            } else {
+                h += "<tr><td>\(name)</td>"
+            }
             h += cells.dropFirst().map { "<td>\(esc($0))</td>" }.joined() + "</tr>\n"
         }
         return h + "</table>\n"
+    }
+
+    /// A relative link when the target lies under the page's folder, else an absolute file URL.
+    static func link(to target: URL, from page: URL?) -> String {
+        let base = (page ?? URL(fileURLWithPath: ".")).standardizedFileURL.path + "/"
+        let path = target.standardizedFileURL.path
+        guard path.hasPrefix(base) else { return target.standardizedFileURL.absoluteString }
+        return path.dropFirst(base.count).split(separator: "/")
+            .map { $0.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? String($0) }.joined(separator: "/")
     }
 
     static let columns = ["run", "dataset", "mode", "differing options", "accuracy before", "accuracy after", "gain (points)",

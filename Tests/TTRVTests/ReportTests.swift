@@ -105,6 +105,9 @@ final class ReportTests: XCTestCase {
         XCTAssertTrue(html.contains("<td>+15.0 ± 5.0</td>"), "contrast group")
         XCTAssertTrue(html.contains("<td>+0.0 ± 5.0</td>"), "noise group")
         XCTAssertTrue(html.contains("<code>data</code>, <code>seed</code>"), "differing settings")
+        XCTAssertTrue(html.contains("<a href=\"noise-s2/report.html\">noise-s2</a>"), "relative link to the run's page")
+        XCTAssertEqual(Reports.link(to: URL(fileURLWithPath: "/elsewhere/a b/report.html"), from: dir),
+                       "file:///elsewhere/a%20b/report.html")
         let csv = try String(contentsOf: files[1], encoding: .utf8).split(separator: "\n")
         XCTAssertEqual(csv.count, 7)
         XCTAssertEqual(csv[1], "contrast-s0,fashion-mnist-c:contrast:5,default,seed=0,50.0,60.0,+10.0,,,5.0,5.0,8,96,,fashion-mnist-c:contrast:5")
