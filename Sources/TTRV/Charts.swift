@@ -112,7 +112,8 @@ public enum Chart {
     public static func bars(title: String, valueLabel: String, labels: [String], series: [Series],
                             floor: Double? = 0, ceiling: Double? = nil, chartWidth: Double = width,
                             format: (Double) -> String) -> String {
-        let labelWidth = min(chartWidth * (chartWidth > width ? 0.6 : 0.45), max(50, Double(labels.map(\.count).max() ?? 4) * 6.2 + 12))
+        let longest = Double(labels.map(\.count).max() ?? 4)
+        let labelWidth = min(chartWidth * (chartWidth > width ? 0.6 : 0.45), max(50, longest * 6.2 + 12))
         let fits = Int((labelWidth - 12) / 6.2)
         let row = max(16.0, 10.0 * Double(series.count) + 8)
         let frame = Frame(width: chartWidth, height: 58 + 44 + Double(labels.count) * row, left: labelWidth, right: 46, top: 58,
@@ -156,7 +157,7 @@ public enum Chart {
             body += tag("text", ["x": n(frame.left - 6), "y": n(frame.top + (Double(i) + 0.5) * row + 4), "font-size": "11",
                                  "text-anchor": "end"], text: l.prefix(keep - keep / 2) + "…" + l.suffix(keep / 2), title: l)
         }
-        let yAxis = labels.enumerated().map { (frame.top + (Double($0.offset) + 0.5) * row, $0.element.count > fits ? "" : $0.element) }
+        let yAxis = labels.enumerated().map { i, l in (frame.top + (Double(i) + 0.5) * row, l.count > fits ? "" : l) }
         let xAxis = xTicks.map { (px($0), label($0, step: xTicks[1] - xTicks[0])) }
         return svg(frame, title: title, legend: series.count > 1 ? series.map { ($0.name, $0.color) } : [],
                    xLabel: valueLabel, yLabel: nil, yAxis: yAxis, xAxis: xAxis, body: body)
@@ -212,8 +213,9 @@ public enum Chart {
 
     static func openSVG(_ f: Frame, title: String) -> String {
         // A chart wider than one column spans both.
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"chart\(f.width > width ? " wide" : "")\" width=\"\(n(f.width))\" height=\"\(n(f.height))\" "
-            + "viewBox=\"0 0 \(n(f.width)) \(n(f.height))\" role=\"img\" font-family=\"system-ui, sans-serif\">"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"chart\(f.width > width ? " wide" : "")\" "
+            + "width=\"\(n(f.width))\" height=\"\(n(f.height))\" viewBox=\"0 0 \(n(f.width)) \(n(f.height))\" "
+            + "role=\"img\" font-family=\"system-ui, sans-serif\">"
             + tag("title", [:], text: title)
             + tag("text", ["x": "4", "y": "16", "font-size": "14", "font-weight": "bold"], text: title)
             + tag("rect", ["class": "plot", "x": n(f.left), "y": n(f.top), "width": n(f.plotWidth), "height": n(f.plotHeight),

@@ -113,7 +113,8 @@ public enum HTMLReport {
     static func summaryTable(before: EvalReport, after: EvalReport?) -> String {
         let pct = { (x: Double?) in x.map { String(format: "%.1f%%", 100 * $0) } ?? "–" }
         let cols = after == nil ? [before] : [before, after!]
-        var h = "<table class=\"nums\"><tr><th></th>" + (after == nil ? "<th>value</th>" : "<th>before</th><th>after</th><th>change</th>")
+        var h = "<table class=\"nums\"><tr><th></th>"
+        h += after == nil ? "<th>value</th>" : "<th>before</th><th>after</th><th>change</th>"
         h += "</tr>\n"
         func row(_ name: String, _ f: (EvalReport) -> Double?, lowerIsBetter: Bool = false) {
             h += "<tr><td>\(esc(name))</td>" + cols.map { "<td>\(pct(f($0)))</td>" }.joined()
@@ -191,8 +192,10 @@ public enum HTMLReport {
     }
 
     static func timeChart(_ steps: [StepRecord]) -> String {
-        let parts: [(String, KeyPath<StepRecord, Double?>)] = [("rollout", \.rolloutSeconds), ("old/ref log-probs", \.oldRefSeconds),
-                                                              ("forward+backward", \.trainSeconds), ("optimiser", \.optimizerSeconds)]
+        let parts: [(String, KeyPath<StepRecord, Double?>)] = [
+            ("rollout", \.rolloutSeconds), ("old/ref log-probs", \.oldRefSeconds), ("forward+backward", \.trainSeconds),
+            ("optimiser", \.optimizerSeconds),
+        ]
         var series = parts.enumerated().map { k, part in
             Chart.Series(part.0, steps.map { $0[keyPath: part.1] ?? 0 }, color: Chart.palette[k])
         }
@@ -216,7 +219,8 @@ public enum HTMLReport {
                 "<td>" + (s[keyPath: c.1].map { String(format: c.2, $0) } ?? "–") + "</td>"
             }.joined() + "</tr>\n"
         }
-        return h + "</table>\n<p class=\"muted\">Labels are never used for training; label accuracy is shown for monitoring only.</p>\n"
+        return h + "</table>\n<p class=\"muted\">Labels are never used for training; label accuracy is shown for "
+            + "monitoring only.</p>\n"
     }
 
     // MARK: options
@@ -412,7 +416,9 @@ struct ClassTable {
         func count(_ preds: [ItemPrediction]) -> [[Int]] {
             var m = Array(repeating: Array(repeating: 0, count: predicted.count), count: truth.count)
             for p in preds {
-                guard let r = truth.firstIndex(of: Self.truth(p)), let c = predicted.firstIndex(of: Self.predictedClass(p)) else { continue }
+                guard let r = truth.firstIndex(of: Self.truth(p)), let c = predicted.firstIndex(of: Self.predictedClass(p)) else {
+                    continue
+                }
                 m[r][c] += 1
             }
             return m
@@ -455,7 +461,8 @@ struct ClassTable {
     func confusion(after useAfter: Bool) -> String {
         let m = useAfter ? (after ?? before) : before
         let title = after == nil ? "Confusion matrix" : useAfter ? "Confusion after" : "Confusion before"
-        return Chart.heatmap(title: title, rowLabel: "label", columnLabel: "greedy answer", rows: classes, columns: predicted, counts: m)
+        return Chart.heatmap(title: title, rowLabel: "label", columnLabel: "greedy answer", rows: classes, columns: predicted,
+                             counts: m)
     }
 
     func table() -> String {
@@ -467,7 +474,10 @@ struct ClassTable {
         for (r, name) in classes.enumerated() {
             let m = (after ?? before)[r]
             h += "<tr><td>\(HTMLReport.esc(name))</td><td>\(m.reduce(0, +))</td><td>\(pct(b[r]))</td>"
-            if let a { h += "<td>\(pct(a[r]))</td><td>" + (a[r].isFinite && b[r].isFinite ? HTMLReport.signedPoints(a[r] - b[r]) : "–") + "</td>" }
+            if let a {
+                let change = a[r].isFinite && b[r].isFinite ? HTMLReport.signedPoints(a[r] - b[r]) : "–"
+                h += "<td>\(pct(a[r]))</td><td>\(change)</td>"
+            }
             let wrong = m.enumerated().filter { predicted[$0.offset] != name && $0.element > 0 }.max { $0.element < $1.element }
             h += "<td>" + (wrong.map { "\(HTMLReport.esc(predicted[$0.offset])) (\($0.element))" } ?? "–") + "</td></tr>\n"
         }

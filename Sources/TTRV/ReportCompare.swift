@@ -31,8 +31,9 @@ public enum Reports {
             try HTMLReport.writeAtomically(HTMLReport.evalPage(eval, name: name), to: url)
             return [url]
         }
-        let html = out.map { URL(fileURLWithPath: $0) }
-            ?? (runs.count == 1 ? runs[0].directory!.appendingPathComponent("report.html") : URL(fileURLWithPath: "comparison.html"))
+        let defaultOut = runs.count == 1
+            ? runs[0].directory!.appendingPathComponent("report.html") : URL(fileURLWithPath: "comparison.html")
+        let html = out.map { URL(fileURLWithPath: $0) } ?? defaultOut
         let csv = html.deletingPathExtension().appendingPathExtension("csv")
         let page = runs.count == 1 ? HTMLReport.runPage(runs[0]) : comparisonPage(runs, at: html.deletingLastPathComponent())
         try HTMLReport.writeAtomically(page, to: html)
@@ -107,7 +108,8 @@ public enum Reports {
         let diff = differing(runs), groups = groups(runs, differing: diff)
         let esc = HTMLReport.esc
         var h = "<h1>ttrv: \(runs.count) adaptation runs compared</h1>\n"
-        h += "<p>Settings that differ between runs: " + (diff.isEmpty ? "none" : diff.map { "<code>\(esc($0))</code>" }.joined(separator: ", "))
+        h += "<p>Settings that differ between runs: "
+        h += diff.isEmpty ? "none" : diff.map { "<code>\(esc($0))</code>" }.joined(separator: ", ")
         h += ". Runs that differ only in <code>seed</code> are grouped (mean ± sample std).</p>\n"
         let labels = withoutCommonPrefix(groups.map(\.label)).enumerated().map { i, l in
             groups[i].runs.count > 1 ? "\(l) ×\(groups[i].runs.count)" : l
@@ -142,7 +144,9 @@ public enum Reports {
         for (i, g) in groups.enumerated() {
             let pm = { (m: (Double, Double)) in g.runs.count > 1 ? String(format: "%.1f ± %.1f", m.0, m.1) : f1(m.0) }
             h += "<tr><td>\(esc(g.label))</td><td>\(g.runs.count)</td><td>\(pm(befores[i]))</td><td>\(pm(afters[i]))</td>"
-            h += "<td>\(g.runs.count > 1 ? String(format: "%+.1f ± %.1f", gains[i].0, gains[i].1) : String(format: "%+.1f", gains[i].0))</td></tr>\n"
+            let gain = g.runs.count > 1
+                ? String(format: "%+.1f ± %.1f", gains[i].0, gains[i].1) : String(format: "%+.1f", gains[i].0)
+            h += "<td>\(gain)</td></tr>\n"
         }
         h += "</table>\n<h2>Runs</h2>\n" + runTable(runs, differing: diff, page: page)
         return HTMLReport.page(title: "ttrv: \(runs.count) runs compared", body: h)
@@ -155,7 +159,8 @@ public enum Reports {
             let cells = row(r, differing: differing)
             let name = esc(cells[0])
             if let dir = r.directory {
-                h += "<tr><td><a href=\"\(esc(Self.link(to: dir.appendingPathComponent("report.html"), from: page)))\">\(name)</a></td>"
+                let href = Self.link(to: dir.appendingPathComponent("report.html"), from: page)
+                h += "<tr><td><a href=\"\(esc(href))\">\(name)</a></td>"
             } else {
                 h += "<tr><td>\(name)</td>"
             }
