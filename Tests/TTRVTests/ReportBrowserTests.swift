@@ -34,8 +34,9 @@ final class ReportBrowserTests: XCTestCase {
     func runBrowser(_ browser: String, _ args: [String], profile: URL) throws -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/timeout")
-        p.arguments = ["120", browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                       "--force-device-scale-factor=1", "--user-data-dir=\(profile.path)"] + args
+        // Root in a container: no sandbox; small /dev/shm: no shared memory; one pixel per CSS pixel.
+        p.arguments = ["120", browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                       "--hide-scrollbars", "--force-device-scale-factor=1", "--user-data-dir=\(profile.path)"] + args
         let out = Pipe()
         p.standardOutput = out
         p.standardError = FileHandle.nullDevice
