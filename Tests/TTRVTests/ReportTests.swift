@@ -45,6 +45,20 @@ final class ReportTests: XCTestCase {
         XCTAssertFalse(Self.parses("<svg><line></svg>"))
     }
 
+    /// The page `ttrv adapt` writes, from its in-memory report (its StepLog has no ratio field).
+    func testAdaptWritesAWellFormedPage() throws {
+        let dir = try SyntheticRun.tempDir("write")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let r = try SyntheticRun.write(to: dir, ratioField: false)
+        let before = try readJSON(EvalReport.self, dir.appendingPathComponent("eval_before.json"), what: "eval")
+        let after = try readJSON(EvalReport.self, dir.appendingPathComponent("eval_after.json"), what: "eval")
+        let url = dir.appendingPathComponent("report.html")
+        try HTMLReport.write(r, before: before, after: after, to: url)
+        let svgs = Self.svgs(try String(contentsOf: url, encoding: .utf8))
+        XCTAssertEqual(svgs.count, 12)
+        for svg in svgs { XCTAssertTrue(Self.parses(svg)) }
+    }
+
     func testTicksAreNiceAndCoverTheRange() {
         XCTAssertEqual(Chart.ticks(0, 0.95), [0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0])
         XCTAssertEqual(Chart.ticks(1, 10, integers: true), [0, 2, 4, 6, 8, 10])
