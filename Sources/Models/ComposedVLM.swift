@@ -4,7 +4,9 @@ import Torch
 /// A frozen image encoder that turns an image into a short sequence of feature vectors.
 public protocol ImageEncoder: AnyObject {
     var featureDim: Int { get }
-    /// [1, K, featureDim] for one image (no gradient: the encoder is frozen).
+    /// The encoder's weights, as the composed model registers them (`vision_tower.*`).
+    var module: Module { get }
+    /// [1, K, featureDim] for one image (with autograd when it is on and encoder weights train).
     func encode(_ image: Image) throws -> Tensor
     /// The encoder's batch-norm layers by name; none means test-time recalibration does not apply.
     var batchNorms: [(name: String, module: BatchNorm2d)] { get }
@@ -75,9 +77,8 @@ public final class ComposedVLM: VisionLanguageModel {
     public let language: LanguageModel
     public let projector: Projector
     public let module: Module
-    /// Encoder features per image: the encoder is frozen, so each image is encoded once.
-    private var featureCache: [ImageKey: Tensor] = [:]
-    private let cacheLock = NSLock()
+    /// Encoder features per image (evaluation sees each image twice, adaptation several times a step).
+    private let featureCache = ImageFeatureCache(capacity: 4096)
 
     public var lm: CausalLM { language.model }
     public var tokenizer: Tokenizer { language.tokenizer }
@@ -89,11 +90,17 @@ public final class ComposedVLM: VisionLanguageModel {
         self.language = language
         projector = try Projector(inFeatures: encoder.featureDim, hidden: config.projectorHidden,
                                   outFeatures: language.model.hiddenSize, seed: seed)
-        if let r = config.loraRank { try language.model.addLoRA(rank: r, alpha: config.loraAlpha, seed: seed) }
         module = Module()
+        module.register("vision_tower", encoder.module)
         module.register("language_model", language.model)
         module.register("multi_modal_projector", projector)
+        try module.freeze(matching: ["vision_tower.*"])
+        if let r = config.loraRank { try addLoRA(rank: r, alpha: config.loraAlpha, seed: seed) }
     }
+
+    public var parts: ModelParts { ModelParts(vision: [encoder.module], projector: [projector], language: language.model) }
+    /// The reference's choice for a small composed model: the adapters and the projector.
+    public var defaultTrainedParts: [ModelPart] { [.projector, .lm] }
 
     /// The weights this model adds to its pretrained parts (saved in the model directory).
     public var ownParameters: [(name: String, tensor: Tensor)] {
@@ -101,18 +108,7 @@ public final class ComposedVLM: VisionLanguageModel {
     }
 
     public func imageEmbeddings(_ image: Image) throws -> Tensor {
-        let key = ImageKey(image)
-        cacheLock.lock()
-        let cached = featureCache[key]
-        cacheLock.unlock()
-        let feats: Tensor
-        if let cached { feats = cached } else {
-            feats = try noGrad { try encoder.encode(image) }
-            cacheLock.lock()
-            featureCache[key] = feats
-            cacheLock.unlock()
-        }
-        return try projector(feats)
+        try projector(featureCache.features(image, tower: [encoder.module]) { try encoder.encode(image) })
     }
 
     public func prepare(text: String, image: Image?, system: String?) throws -> PreparedPrompt {
@@ -187,7 +183,7 @@ public final class ComposedVLM: VisionLanguageModel {
             throw ModelError("model has no vision source statistics (\(Self.visionSourceFile)); `ttrv calibrate --model DIR --data SPEC` measures them on clean data")
         }
         try encoder.calibrate(images, mode: .matchSource)
-        clearFeatureCache()
+        clearImageCache()
         return visionCorrections()
     }
 
@@ -200,10 +196,17 @@ public final class ComposedVLM: VisionLanguageModel {
         return out
     }
 
-    func clearFeatureCache() {
-        cacheLock.lock()
-        featureCache.removeAll()
-        cacheLock.unlock()
+    public func clearImageCache() { featureCache.removeAll() }
+
+    /// Puts back corrections saved from `visionCorrections()` (e.g. by an adaptation run in `file`).
+    public func setVisionCorrections(_ c: [String: Tensor], from file: URL) throws {
+        for (name, bn) in encoder.batchNorms {
+            guard let scale = c[name + ".scale"], let shift = c[name + ".shift"] else {
+                throw ModelError("\(file.path): no correction for \(name)")
+            }
+            do { try bn.setCorrection(scale: scale, shift: shift) } catch { throw ModelError("\(file.path): \(error)") }
+        }
+        clearImageCache()
     }
 
     // MARK: files
@@ -253,13 +256,3 @@ public final class ComposedVLM: VisionLanguageModel {
     }
 }
 
-/// Identity of an image's pixels, for the feature cache.
-struct ImageKey: Hashable {
-    let width: Int, height: Int, channels: Int, pixels: [UInt8]
-    init(_ i: Image) {
-        width = i.width
-        height = i.height
-        channels = i.channels
-        pixels = i.pixels
-    }
-}

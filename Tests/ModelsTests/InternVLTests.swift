@@ -124,7 +124,7 @@ final class InternVLTests: XCTestCase {
         let model = try InternVL.load(Self.dir.appendingPathComponent("tiny"))
         XCTAssertTrue(model.vision_tower.parameters.allSatisfy { !$0.requiresGrad })
         try model.unfreeze()
-        try model.freeze(matching: InternVL.frozenByDefault)
+        try model.vision_tower.freeze()
         let loss = try withGrad {
             let p = try model.prepare(text: "Describe.", image: image("wide"), system: nil)
             let h = try model.lm.forward(embeddings: p.embeddings, positions: p.positions, cache: nil, valid: nil)
