@@ -94,7 +94,8 @@ public enum HTMLReport {
         var h = "<h1>Test-time RL: \(esc(r.model)) on \(esc(r.dataset))</h1>\n"
         h += "<p>Adapted on <b>\(r.adaptItems)</b> unlabelled items of <code>\(esc(r.dataset))</code> for <b>\(r.steps)</b> steps "
         h += "(\(String(format: "%.0f", r.seconds)) s, mode <code>\(r.mode.rawValue)</code>); evaluated on \(r.evalItems) items of "
-        h += "<code>\(esc(r.evalDataset))</code>."
+        h += "<code>\(esc(r.evalDataset))</code>. Trained: \(r.trainedParts.map(\.rawValue).joined(separator: ", ")) "
+        h += "(\(r.trainableParameters) parameters)."
         if r.visionNorm { h += " Vision batch-norm statistics were matched to the source before the RL steps." }
         if let s = r.stoppedEarly { h += " <b class=\"bad\">Stopped early</b>: \(esc(s))." }
         h += "</p>\n" + summaryTable(before: run.before, after: run.after)
@@ -106,7 +107,10 @@ public enum HTMLReport {
         h += "</div>\n" + classes.table()
         h += "<h2>Examples</h2>\n" + examples(before: run.before.predictions, after: run.after.predictions)
         h += "<h2>Step log</h2>\n" + stepTable(run.steps)
-        h += "<h2>Options</h2>\n<p>Reproduce with:</p><pre>\(esc(adaptCommand(r, out: run.name)))</pre>\n" + optionsTable(o)
+        h += "<h2>Options</h2>\n"
+        if let c = r.command { h += "<p>Command line:</p><pre>\(esc(c))</pre>\n" }
+        h += "<p>\(r.command == nil ? "Reproduce with" : "Equivalent, every flag spelt out"):</p>"
+        h += "<pre>\(esc(adaptCommand(r, out: run.name)))</pre>\n" + optionsTable(o)
         return page(title: "ttrv adapt — \(r.dataset)", body: h)
     }
 
@@ -236,6 +240,7 @@ public enum HTMLReport {
     static func optionValue(_ v: Any) -> String {
         let m = Mirror(reflecting: v)
         if m.displayStyle == .optional { return m.children.first.map { optionValue($0.value) } ?? "default" }
+        if m.displayStyle == .collection { return m.children.map { optionValue($0.value) }.joined(separator: ",") }
         if let e = v as? any RawRepresentable, let raw = e.rawValue as? String { return raw }
         return "\(v)"
     }
@@ -261,6 +266,9 @@ public enum HTMLReport {
               "--train-samples", "\(o.trainSamples)"]
         if let lr = o.lr { a += ["--lr", "\(lr)"] }
         if let rank = o.loraRank { a += ["--lora-rank", "\(rank)"] }
+        if let parts = o.train { a += ["--train", parts.map(\.rawValue).joined(separator: ",")] }
+        if let m = o.miniBatchPrompts { a += ["--mini-batch-prompts", "\(m)"] }
+        if let c = o.checkpointEvery { a += ["--checkpoint-every", "\(c)"] }
         a += ["--reward", o.reward.rawValue, "--entropy-coef", "\(o.entropyCoef)"]
         if let adv = o.advantage { a += ["--advantage", adv.rawValue] }
         a += ["--max-new-tokens", "\(o.maxNewTokens)", "--kl-coef", "\(o.klCoef)"]
@@ -272,7 +280,7 @@ public enum HTMLReport {
     }
 
     static func shellQuote(_ s: String) -> String {
-        s.allSatisfy({ $0.isLetter || $0.isNumber || "-_.:/=+@".contains($0) }) && !s.isEmpty
+        s.allSatisfy({ $0.isLetter || $0.isNumber || "-_.:/=+@,".contains($0) }) && !s.isEmpty
             ? s : "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'"
     }
 

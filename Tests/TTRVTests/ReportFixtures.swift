@@ -45,18 +45,20 @@ enum SyntheticRun {
     /// Step `i` of a run; `variant` shifts the curves so that runs differ.
     static func step(_ i: Int, variant: Int = 0) -> StepLog {
         let t = Double(i), v = Double(variant)
-        return StepLog(step: i, epoch: i / 4, rewardMean: 0.4 + 0.05 * t, rewardStd: 0.2, majorityRatio: 0.5 + (0.02 + 0.008 * v) * t,
+        let majority: Double = 0.5 + (0.02 + 0.008 * v) * t, kl: Double = (1 + v) * 1e-4 * t
+        let lr: Double = 2e-5 * (1 - t / 10)
+        return StepLog(step: i, epoch: i / 4, rewardMean: 0.4 + 0.05 * t, rewardStd: 0.2, majorityRatio: majority,
                        invalidShare: 0.2 - 0.02 * t, answerEntropy: 0.6 - 0.04 * t, responseLength: 2 + 0.1 * t,
-                       kl: (1 + v) * 1e-4 * t, pgLoss: 0.01, clipFraction: 0.01 * t, gradNorm: 0.5 + 0.1 * t, skippedUpdates: 0,
-                       lr: 2e-5 * (1 - t / 10), seconds: 10 + t, rolloutSeconds: 5, oldRefSeconds: 1, trainSeconds: 3,
-                       optimizerSeconds: 0.5, labelAccuracy: 0.5 + 0.05 * t, majorities: ["A", nil])
+                       kl: kl, pgLoss: 0.01, clipFraction: 0.01 * t, ratioMaxAbsLog: 0.05 * (t + 1), gradNorm: 0.5 + 0.1 * t,
+                       updates: 1, skippedUpdates: 0, lr: lr, seconds: 10 + t, rolloutSeconds: 5, oldRefSeconds: 1,
+                       trainSeconds: 3, optimizerSeconds: 0.5, labelAccuracy: 0.5 + 0.05 * t, majorities: ["A", nil])
     }
 
     /// Writes a run directory. `gain` (share of items) turns that many wrong items right.
     @discardableResult
     static func write(to dir: URL, steps: Int = 8, items: Int = 40, before: Double = 0.5, gain: Double = 0.1,
                       seed: UInt64 = 0, data: String = "fashion-mnist-c:contrast:5", loraRank: Int? = 8,
-                      votes: Int = 0, ratioField: Bool = true) throws -> AdaptReport {
+                      votes: Int = 0, olderLog: Bool = false) throws -> AdaptReport {
         let rightBefore = Int((before * Double(items)).rounded()), fixed = Int((gain * Double(items)).rounded())
         // Items 0..<rightBefore right before; after, the next `fixed` ones turn right too (or, for
         // a negative gain, the last ones turn wrong).
@@ -69,15 +71,19 @@ enum SyntheticRun {
         let log = (0..<steps).map { step($0, variant: Int(seed) + (data.contains("noise") ? 3 : 0)) }
         let report = AdaptReport(accuracyBefore: b.accuracy, accuracyAfter: a.accuracy, evalItems: items, adaptItems: 20,
                                  steps: steps, seconds: Double(steps) * 12, dataset: data, evalDataset: data, model: "default",
-                                 mode: .default, stoppedEarly: nil, visionNorm: true, options: o, log: log)
+                                 mode: .default, stoppedEarly: nil, visionNorm: true, trainedParts: [.projector, .lm],
+                                 trainableParameters: 123_456, command: "ttrv adapt --data \(data) --seed \(seed)", options: o, log: log)
         try writeJSON(report, to: dir.appendingPathComponent("report.json"))
         try writeJSON(b, to: dir.appendingPathComponent("eval_before.json"))
         try writeJSON(a, to: dir.appendingPathComponent("eval_after.json"))
-        // A newer log field the report must pick up from the file.
+        // An older log, written before the ratio field existed, must still load.
+        let enc = JSONEncoder()
+        enc.outputFormatting = .sortedKeys
+        let ratio = try NSRegularExpression(pattern: "\"(ratio_max_abs_log|updates)\":[^,}]*,?")
         let lines = try log.map { l -> String in
-            var s = String(decoding: try JSONEncoder().encode(l), as: UTF8.self)
-            if ratioField { s = String(s.dropLast()) + ",\"ratio_max_abs_log\":\(0.05 * Double(l.step + 1))}" }
-            return s
+            let s = String(decoding: try enc.encode(l), as: UTF8.self)
+            guard olderLog else { return s }
+            return ratio.stringByReplacingMatches(in: s, range: NSRange(s.startIndex..., in: s), withTemplate: "")
         }
         try (lines.joined(separator: "\n") + "\n").write(to: dir.appendingPathComponent("adapt_log.jsonl"), atomically: true, encoding: .utf8)
         return report

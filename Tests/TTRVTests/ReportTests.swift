@@ -29,7 +29,11 @@ final class ReportTests: XCTestCase {
         let dir = try SyntheticRun.tempDir("xml")
         defer { try? FileManager.default.removeItem(at: dir) }
         try SyntheticRun.write(to: dir.appendingPathComponent("a"), votes: 8)
-        try SyntheticRun.write(to: dir.appendingPathComponent("b"), gain: -0.05, seed: 1, data: "a \"quoted\" <data> & more")
+        try SyntheticRun.write(to: dir.appendingPathComponent("b"), gain: -0.05, seed: 1, data: "a \"quoted\" <data> & more",
+                               olderLog: true)
+        let older = try RunFiles.load(dir.appendingPathComponent("b"))
+        XCTAssertNil(older.steps[0].ratioMaxAbsLog)
+        XCTAssertEqual(Self.svgs(HTMLReport.runPage(older)).count, 12, "no ratio chart for a log without the field")
         let run = try HTMLReport.runPage(RunFiles.load(dir.appendingPathComponent("a")))
         let comparison = Reports.comparisonPage(try ["a", "b"].map { try RunFiles.load(dir.appendingPathComponent($0)) })
         let eval = HTMLReport.evalPage(SyntheticRun.eval(SyntheticRun.predictions(12, votes: 4) { $0 % 3 == 0 }, votes: 4), name: "e.json")
@@ -49,13 +53,13 @@ final class ReportTests: XCTestCase {
     func testAdaptWritesAWellFormedPage() throws {
         let dir = try SyntheticRun.tempDir("write")
         defer { try? FileManager.default.removeItem(at: dir) }
-        let r = try SyntheticRun.write(to: dir, ratioField: false)
+        let r = try SyntheticRun.write(to: dir)
         let before = try readJSON(EvalReport.self, dir.appendingPathComponent("eval_before.json"), what: "eval")
         let after = try readJSON(EvalReport.self, dir.appendingPathComponent("eval_after.json"), what: "eval")
         let url = dir.appendingPathComponent("report.html")
         try HTMLReport.write(r, before: before, after: after, to: url)
         let svgs = Self.svgs(try String(contentsOf: url, encoding: .utf8))
-        XCTAssertEqual(svgs.count, 12)
+        XCTAssertEqual(svgs.count, 13)
         for svg in svgs { XCTAssertTrue(Self.parses(svg)) }
     }
 
@@ -174,12 +178,16 @@ final class ReportTests: XCTestCase {
         o.loraRank = 8
         o.evalLimit = 40
         o.visionNorm = false
+        o.train = [.projector, .lm]
         let r = AdaptReport(accuracyBefore: 0, accuracyAfter: 0, evalItems: 40, adaptItems: 20, steps: 1, seconds: 1,
                             dataset: "fashion-mnist-c:contrast:5", evalDataset: "fashion-mnist-c:contrast:5", model: "default",
-                            mode: .default, stoppedEarly: nil, visionNorm: false, options: o, log: [])
+                            mode: .default, stoppedEarly: nil, visionNorm: false, trainedParts: [.projector, .lm],
+                            trainableParameters: 1, command: nil, options: o, log: [])
         XCTAssertEqual(HTMLReport.adaptCommand(r, out: "runs/my run"),
                        "ttrv adapt --model default --data fashion-mnist-c:contrast:5 --mode default --adapt-samples 20 --epochs 2 "
-                       + "--batch-prompts 4 --votes 32 --train-samples 16 --lora-rank 8 --reward frequency --entropy-coef 0.75 "
-                       + "--max-new-tokens 8 --kl-coef 0.001 --eval-limit 40 --seed 0 --no-vision-norm --out 'runs/my run'")
+                       + "--batch-prompts 4 --votes 32 --train-samples 16 --lora-rank 8 --train projector,lm --reward frequency "
+                       + "--entropy-coef 0.75 --max-new-tokens 8 --kl-coef 0.001 --eval-limit 40 --seed 0 --no-vision-norm "
+                       + "--out 'runs/my run'")
+        XCTAssertEqual(HTMLReport.optionFields(o).first { $0.0 == "train" }?.1, "projector,lm")
     }
 }
