@@ -82,7 +82,8 @@ func describe(_ error: Error) -> String {
 public enum HTMLReport {
     /// The page `ttrv adapt` writes next to its report.json.
     public static func write(_ r: AdaptReport, before: EvalReport, after: EvalReport, to url: URL) throws {
-        let run = RunFiles(name: url.deletingLastPathComponent().lastPathComponent, report: r, before: before, after: after,
+        let dir = url.deletingLastPathComponent()
+        let run = RunFiles(name: dir.lastPathComponent, directory: dir, report: r, before: before, after: after,
                            steps: try RunFiles.records(r.log))
         try writeAtomically(runPage(run), to: url)
     }
@@ -110,7 +111,7 @@ public enum HTMLReport {
         h += "<h2>Options</h2>\n"
         if let c = r.command { h += "<p>Command line:</p><pre>\(esc(c))</pre>\n" }
         h += "<p>\(r.command == nil ? "Reproduce with" : "Equivalent, every flag spelt out"):</p>"
-        h += "<pre>\(esc(adaptCommand(r, out: run.name)))</pre>\n" + optionsTable(o)
+        h += "<pre>\(esc(adaptCommand(r, out: run.directory?.path ?? run.name)))</pre>\n" + optionsTable(o)
         return page(title: "ttrv adapt — \(r.dataset)", body: h)
     }
 
@@ -213,7 +214,7 @@ public enum HTMLReport {
         let cols: [(String, KeyPath<StepRecord, Double?>, String)] = [
             ("reward", \.rewardMean, "%.3f"), ("± std", \.rewardStd, "%.3f"), ("majority", \.majorityRatio, "%.3f"),
             ("invalid", \.invalidShare, "%.3f"), ("entropy", \.answerEntropy, "%.3f"), ("length", \.responseLength, "%.2f"),
-            ("KL", \.kl, "%.2e"), ("clip", \.clipFraction, "%.3f"), ("max |log ratio|", \.ratioMaxAbsLog, "%.3f"),
+            ("KL", \.kl, "%.2e"), ("clip", \.clipFraction, "%.3f"), ("max |log ratio|", \.ratioMaxAbsLog, "%.2e"),
             ("grad norm", \.gradNorm, "%.3f"), ("lr", \.lr, "%.1e"), ("label acc.", \.labelAccuracy, "%.2f"),
             ("seconds", \.seconds, "%.1f"),
         ].filter { c in steps.contains { $0[keyPath: c.1] != nil } }
@@ -368,11 +369,11 @@ public enum HTMLReport {
         body{font:14px system-ui,sans-serif;margin:24px;max-width:1010px;color:#222}
         h1{font-size:20px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
         table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 9px;border-bottom:1px solid #e4e4e4;text-align:left}
-        table.nums td,table.nums th{text-align:right}table.nums td:first-child{text-align:left}
+        table.nums td,table.nums th{text-align:right}table.nums td{white-space:nowrap}table.nums td:first-child{text-align:left}
         .charts{display:grid;grid-template-columns:repeat(2,480px);gap:12px 20px;align-items:start}
         .chart{display:block;background:#fff}.chart.wide{grid-column:span 2}
         .grid{display:grid;grid-template-columns:repeat(3,326px);gap:10px}
-        table.runs{font-size:12px}table.runs td,table.runs th{padding:3px 6px}
+        table.runs{font-size:12px}table.runs td,table.runs th{padding:3px 6px;white-space:normal}
         .card{display:flex;gap:10px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:12px}
         .card img{image-rendering:pixelated;flex:none;border:1px solid #ccc;width:84px;height:84px}
         .card ol{margin:4px 0;padding-left:0;list-style:none}.card li{padding:0 3px}
