@@ -369,7 +369,7 @@ public enum HTMLReport {
         body{font:14px system-ui,sans-serif;margin:24px;max-width:1010px;color:#222}
         h1{font-size:20px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
         table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 9px;border-bottom:1px solid #e4e4e4;text-align:left}
-        table.nums td,table.nums th{text-align:right}table.nums td{white-space:nowrap}table.nums td:first-child{text-align:left}
+        table.nums td,table.nums th{text-align:right}table.nums td{white-space:nowrap}table.nums td:first-child,table.nums th:first-child{text-align:left;white-space:normal}
         .charts{display:grid;grid-template-columns:repeat(2,480px);gap:12px 20px;align-items:start}
         .chart{display:block;background:#fff}.chart.wide{grid-column:span 2}
         .grid{display:grid;grid-template-columns:repeat(3,326px);gap:10px}
