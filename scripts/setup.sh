@@ -19,6 +19,9 @@ WHEELS=(
 )
 # Debian packages (installed with apt-get as root).
 DEBS=(libpng-dev libjpeg62-turbo-dev zlib1g-dev dataset-fashion-mnist)
+# Optional: the browser test of the HTML reports renders them in headless chromium (about
+# 150 MB, 25 s to install); where it cannot be installed, setup goes on and that test is skipped.
+OPTIONAL_DEBS=(chromium)
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -44,6 +47,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     echo "setup: run as root:  sudo apt-get install -y ${missing[*]}" >&2; exit 1
   fi
+fi
+
+# `dpkg -s` also succeeds for a removed package whose config files remain.
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+optional=()
+for d in "${OPTIONAL_DEBS[@]}"; do installed "$d" || optional+=("$d"); done
+if [ ${#optional[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+  log "apt-get install ${optional[*]} (optional)"
+  (export DEBIAN_FRONTEND=noninteractive
+   apt-get install -y -q --no-install-recommends "${optional[@]}" >/dev/null 2>&1 ||
+     { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${optional[@]}" >/dev/null 2>&1; }) ||
+    log "could not install ${optional[*]}: the browser test of the reports will be skipped"
 fi
 
 # 2. PyPI wheels, unpacked
@@ -91,3 +106,4 @@ log "ready:"
 log "  libtorch   $(cat "$LT/.done" 2>/dev/null || echo "$LIBTORCH")"
 for line in "${WHEELS[@]}"; do read -r spec dir <<<"$line"; log "  $spec  .deps/pkgs/$dir"; done
 log "  debian     ${DEBS[*]}"
+for d in "${OPTIONAL_DEBS[@]}"; do installed "$d" && log "  optional   $d" || log "  optional   $d missing"; done

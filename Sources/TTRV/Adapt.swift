@@ -43,6 +43,8 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
     public var warmupRatio = 0.03
     public var evalLimit: Int?
     public var evalBatch = 16
+    /// Also sample this many replies per evaluation item (maj@N, pass@N before and after); 0 = greedy only.
+    public var evalVotes = 0
     public var seed: UInt64 = 0
     /// Before the RL steps, map the vision encoder's batch-norm statistics on the adaptation
     /// images onto those of its training data (label-free). nil: on in default mode for models
@@ -60,7 +62,7 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
         case entropyCoef = "entropy_coef", advantage, miniBatchPrompts = "mini_batch_prompts"
         case maxNewTokens = "max_new_tokens", temperature, topP = "top_p", klCoef = "kl_coef", clip
         case dualClip = "dual_clip", weightDecay = "weight_decay", gradClip = "grad_clip", warmupRatio = "warmup_ratio"
-        case evalLimit = "eval_limit", evalBatch = "eval_batch", seed, visionNorm = "vision_norm"
+        case evalLimit = "eval_limit", evalBatch = "eval_batch", evalVotes = "eval_votes", seed, visionNorm = "vision_norm"
         case checkpointEvery = "checkpoint_every"
     }
 
@@ -101,6 +103,9 @@ public struct StepLog: Codable, Sendable, Equatable {
     public var labelAccuracy: Double?
     /// Each prompt's majority answer (nil where no reply was valid).
     public var majorities: [String?] = []
+    /// Each prompt's item id and vote histogram (for the report's examples).
+    public var itemIds: [String]?
+    public var voteCounts: [[VoteCount]]?
 
     enum CodingKeys: String, CodingKey {
         case step, epoch, rewardMean = "reward_mean", rewardStd = "reward_std", majorityRatio = "majority_ratio"
@@ -110,6 +115,7 @@ public struct StepLog: Codable, Sendable, Equatable {
         case gradNorm = "grad_norm", updates, skippedUpdates = "skipped_updates", lr, seconds
         case rolloutSeconds = "rollout_s", oldRefSeconds = "old_ref_logprob_s", trainSeconds = "fwd_bwd_s"
         case optimizerSeconds = "optimizer_s", labelAccuracy = "label_accuracy", majorities
+        case itemIds = "item_ids", voteCounts = "vote_counts"
     }
 
     /// What the collapse guard reads of a step: the log line is the one source of step metrics.
@@ -264,6 +270,7 @@ public final class Adapter {
         o.batchSize = options.evalBatch
         o.maxTokens = options.maxNewTokens
         o.answerMode = options.answerStyle
+        o.votes = options.evalVotes
         return o
     }
 
@@ -303,7 +310,7 @@ public final class Adapter {
 
     func fingerprint(_ data: Dataset, _ modelName: String) throws -> String {
         var o = options
-        o.evalLimit = nil // evaluation size does not change the adaptation
+        (o.evalLimit, o.evalVotes) = (nil, 0) // evaluation settings do not change the adaptation
         let enc = JSONEncoder()
         enc.outputFormatting = .sortedKeys
         return String(decoding: try enc.encode(o), as: UTF8.self) + " data=\(data.name) model=\(modelName)"

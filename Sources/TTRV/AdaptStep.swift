@@ -208,7 +208,8 @@ extension Adapter {
             optimizerSeconds: u.optimizerSeconds,
             labelAccuracy: labelled.isEmpty ? nil
                 : Double(labelled.filter { isCorrect($0.vote.majority, $0.item) }.count) / Double(labelled.count),
-            majorities: rollouts.map(\.vote.majority))
+            majorities: rollouts.map(\.vote.majority), itemIds: rollouts.map(\.item.id),
+            voteCounts: rollouts.map { VoteCount.histogram($0.vote.answers) })
     }
 
     // MARK: weights

@@ -40,6 +40,8 @@ public struct EvalOptions: Sendable {
     public var maxTokens = 16
     public var answerMode: AnswerStyle = .strict
     public var seed: UInt64 = 0
+    /// Longer side of the PNG thumbnail stored with each prediction (for reports); 0 = none.
+    public var thumbnailSide = 48
     public init() {}
 }
 
@@ -55,6 +57,33 @@ public struct ItemPrediction: Codable, Sendable {
     public var majority: String?
     public var majorityCorrect: Bool?
     public var passAtN: Bool?
+    // For reports; absent in files written before they were added.
+    public var options: [String]?
+    /// The label as text (class name / VQA answer).
+    public var label: String?
+    public var imagePath: String?
+    /// Base64 PNG, longer side at most EvalOptions.thumbnailSide.
+    public var thumbnail: String?
+    /// With --votes: how many samples gave each answer (nil answer = invalid), most first.
+    public var votes: [VoteCount]?
+}
+
+public struct VoteCount: Codable, Sendable, Equatable {
+    public var answer: String?
+    public var count: Int
+    public init(answer: String?, count: Int) {
+        self.answer = answer
+        self.count = count
+    }
+
+    /// Counts in descending order; ties in order of first appearance.
+    public static func histogram(_ answers: [String?]) -> [VoteCount] {
+        var out: [VoteCount] = []
+        for a in answers {
+            if let i = out.firstIndex(where: { $0.answer == a }) { out[i].count += 1 } else { out.append(VoteCount(answer: a, count: 1)) }
+        }
+        return out.enumerated().sorted { ($0.element.count, -$0.offset) > ($1.element.count, -$1.offset) }.map(\.element)
+    }
 }
 
 public struct EvalReport: Codable, Sendable {
@@ -105,11 +134,17 @@ public enum Evaluator {
         let t0 = Date()
         for start in stride(from: 0, to: items.count, by: options.batchSize) {
             let chunk = Array(items[start..<min(items.count, start + options.batchSize)])
-            let prompts = try noGrad { try chunk.map { try vlm.prepare(text: $0.prompt, image: $0.image?.load(), system: nil) } }
+            let images = try chunk.map { try $0.image?.load() }
+            let prompts = try noGrad { try zip(chunk, images).map { try vlm.prepare(text: $0.prompt, image: $1, system: nil) } }
             let outs = try gen.generateBatch(prompts, params: .greedy(maxTokens: options.maxTokens))
             for (k, (item, out)) in zip(chunk, outs).enumerated() {
                 let pred = answerOf(out, item: item, style: options.answerMode)
-                var p = ItemPrediction(id: item.id, answer: item.answer, response: out.text, prediction: pred, correct: isCorrect(pred, item))
+                var p = ItemPrediction(id: item.id, answer: item.answer, response: out.text, prediction: pred, correct: isCorrect(pred, item),
+                                       options: item.options, label: item.label)
+                if case .file(let url) = item.image { p.imagePath = url.path }
+                if options.thumbnailSide > 0, let img = images[k] {
+                    p.thumbnail = img.thumbnail(maxSide: options.thumbnailSide).pngData()?.base64EncodedString()
+                }
                 if p.correct { correct += 1 }
                 if extractAnswer(out.text, mode: item.answerMode) == nil { invalid += 1 }
                 if options.votes > 0 {
@@ -118,6 +153,7 @@ public enum Evaluator {
                     let answers = samples.map { answerOf($0, item: item, style: options.answerMode) }
                     let vote = voteRewards(answers: answers, entropyCoef: 0, denominator: .allVotes)
                     p.majority = vote.majority
+                    p.votes = VoteCount.histogram(answers)
                     p.majorityCorrect = isCorrect(vote.majority, item)
                     p.passAtN = answers.contains { isCorrect($0, item) }
                     if p.majorityCorrect! { majCorrect += 1 }

@@ -24,7 +24,7 @@ struct TTRVCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ttrv",
         abstract: "Test-time reinforcement learning for vision-language models.",
-        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self]
+        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self, Report.self]
     )
 }
 
@@ -295,6 +295,7 @@ struct AdaptArguments: ParsableArguments {
     @Option(name: .customLong("max-new-tokens")) var maxNewTokens: Int = 8
     @Option(name: .customLong("kl-coef")) var klCoef: Double = 0.001
     @Option(name: .customLong("eval-limit")) var evalLimit: Int?
+    @Option(name: .customLong("eval-votes"), help: "Also sample N replies per evaluation item for maj@N and pass@N (0 = greedy only).") var evalVotes: Int = 0
     @Option var seed: UInt64 = 0
     @Flag(inversion: .prefixedNo, help: "First match the vision encoder's batch-norm statistics on the adaptation images to its training data's (default: on in default mode when the model has them, see `ttrv calibrate`).") var visionNorm: Bool?
     @Option(help: "Output directory (logs, checkpoints, adapted weights, report). Re-running resumes.") var out: String = "runs/adapt"
@@ -333,6 +334,8 @@ struct AdaptArguments: ParsableArguments {
         o.maxNewTokens = maxNewTokens
         o.klCoef = klCoef
         o.evalLimit = evalLimit
+        guard evalVotes >= 0 else { throw ValidationError("--eval-votes must be >= 0") }
+        o.evalVotes = evalVotes
         o.seed = seed
         o.visionNorm = visionNorm
         return o
@@ -441,3 +444,15 @@ struct Demo: ParsableCommand {
 }
 
 extension Precision: ExpressibleByArgument {}
+
+struct Report: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "HTML report: one adapt run, one eval JSON, or several runs compared (with a CSV).",
+        discussion: "A run directory (ttrv adapt --out) gives its page (report.html, rebuilt); an eval JSON (ttrv eval --json) gives per-class accuracy, the confusion matrix and examples; several run directories give one page comparing them, seeds of the same configuration grouped into mean ± std, and a CSV next to it.")
+    @Argument(help: "Run directories or one eval JSON.") var inputs: [String]
+    @Option(help: "The HTML file to write (default: RUN_DIR/report.html, EVAL.html, or comparison.html); the CSV goes next to it.") var out: String?
+
+    func run() throws {
+        for url in try Reports.build(inputs: inputs, out: out) { print("wrote \(url.path)") }
+    }
+}
