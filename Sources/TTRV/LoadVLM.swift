@@ -5,6 +5,22 @@ public enum VLMLoader {
     /// The embedded default VLM (committed under models/).
     public static var defaultModelDir: URL { Paths.repoRoot.appendingPathComponent("models/default-vlm") }
 
+    /// `default` or a model directory (the kind is read from its config.json); `chatTemplate`, a Jinja
+    /// or chat_template.json file, replaces the checkpoint's own template.
+    public static func load(_ spec: String, chatTemplate: URL?) throws -> VisionLanguageModel {
+        let vlm = try load(spec)
+        if let url = chatTemplate { try useTemplate(url, for: vlm) }
+        return vlm
+    }
+
+    /// Renders `vlm`'s prompts with the template in `url` (keeping the checkpoint's special tokens).
+    public static func useTemplate(_ url: URL, for vlm: VisionLanguageModel) throws {
+        guard let m = vlm as? ChatTemplated else {
+            throw DatasetError(message: "\(url.path): this model does not take a chat template")
+        }
+        m.chatTemplate = try ChatTemplate.load(url, specialTokens: m.chatTemplate.specialTokens)
+    }
+
     /// `default` or a model directory; the kind is read from its config.json.
     public static func load(_ spec: String) throws -> VisionLanguageModel {
         if spec == "default-lm" { return TextOnlyVLM(try LMLoader.load(LMLoader.defaultLMPath())) }

@@ -67,6 +67,8 @@ struct Generate: ParsableCommand {
     @Option(help: "Number of samples (one prefill, fanned out).") var samples: Int = 1
     @Option var seed: UInt64 = 0
     @Flag(name: .customLong("raw"), help: "Send the prompt as is, without the chat template.") var raw = false
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @Option(help: "An image for a VLM (--model is then a VLM directory or `default`).") var image: String?
     @OptionGroup var runtime: RuntimeOptions
 
@@ -77,11 +79,13 @@ struct Generate: ParsableCommand {
         guard temperature >= 0 else { throw ValidationError("--temperature must be >= 0") }
     }
 
+    var chatTemplateURL: URL? { chatTemplate.map { URL(fileURLWithPath: $0) } }
+
     func run() throws {
         runtime.apply()
         let params = SamplingParams(temperature: temperature, topP: topP, topK: topK, maxTokens: maxTokens, seed: seed)
         if let image {
-            let vlm = try VLMLoader.load(model == "default-lm" ? "default" : model)
+            let vlm = try VLMLoader.load(model == "default-lm" ? "default" : model, chatTemplate: chatTemplateURL)
             let prompt = try vlm.prepare(text: self.prompt, image: Image.load(URL(fileURLWithPath: image)), system: system)
             let gen = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
             for (i, c) in try gen.generate(prompt, samples: samples, params: params).enumerated() {
@@ -89,11 +93,12 @@ struct Generate: ParsableCommand {
             }
             return
         }
-        let lm = try LMLoader.load(try resolveLM(model))
+        var lm = try LMLoader.load(try resolveLM(model))
+        if let url = chatTemplateURL { lm.template = try ChatTemplate.load(url, specialTokens: lm.template.specialTokens) }
         var messages: [ChatMessage] = []
         if let system { messages.append(.system(system)) }
         messages.append(.user(prompt))
-        let text = raw ? prompt : lm.template.render(messages, addGenerationPrompt: true)
+        let text = raw ? prompt : try lm.template.render(messages, addGenerationPrompt: true)
         let ids = lm.tokenizer.encode(text)
         let gen = TextGenerator(lm: lm.model, tokenizer: lm.tokenizer, stopIds: lm.stopIds)
         if samples == 1 {
@@ -180,11 +185,13 @@ struct Calibrate: ParsableCommand {
     @Option(help: "A composed model directory or `default`.") var model: String = "default"
     @Option(help: "Clean, in-domain images (labels unused).") var data: String = "fashion-mnist:train"
     @Option var limit: Int = 512
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
         runtime.apply()
-        guard let vlm = try VLMLoader.load(model) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
+        guard let vlm = try VLMLoader.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) }) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
         let images = try Dataset.open(data).items.prefix(limit).compactMap { try $0.image?.load() }
         guard !images.isEmpty else { throw ValidationError("\(data) has no images") }
         try vlm.measureVisionSource(images)
@@ -208,11 +215,13 @@ struct Eval: ParsableCommand {
     @Option var seed: UInt64 = 0
     @Option(help: "Write the report (accuracy, items, per-item predictions) here.") var json: String?
     @Option(name: .customLong("vision-norm"), help: "First match the vision encoder's batch-norm statistics on the first N items' images (unlabelled) to its training data's.") var visionNorm: Int?
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
         runtime.apply()
-        let vlm = try VLMLoader.load(model)
+        let vlm = try VLMLoader.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) })
         let ds = try Dataset.open(data, seed: seed)
         if let n = visionNorm {
             guard let composed = vlm as? ComposedVLM else { throw ValidationError("--vision-norm needs a composed VLM") }
@@ -256,6 +265,8 @@ struct AdaptArguments: ParsableArguments {
     @Option var seed: UInt64 = 0
     @Flag(inversion: .prefixedNo, help: "First match the vision encoder's batch-norm statistics on the adaptation images to its training data's (default: on in default mode when the model has them, see `ttrv calibrate`).") var visionNorm: Bool?
     @Option(help: "Output directory (logs, checkpoints, adapted weights, report). Re-running resumes.") var out: String = "runs/adapt"
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
 
     func options() throws -> AdaptOptions {
         var o = AdaptOptions()
@@ -289,7 +300,7 @@ struct AdaptArguments: ParsableArguments {
 
 func runAdapt(_ a: AdaptArguments) throws -> AdaptReport {
     let options = try a.options()
-    let vlm = try VLMLoader.load(a.model)
+    let vlm = try VLMLoader.load(a.model, chatTemplate: a.chatTemplate.map { URL(fileURLWithPath: $0) })
     let data = try Dataset.open(a.data, seed: a.seed)
     let evalData = try a.evalData.map { try Dataset.open($0, seed: a.seed) } ?? data
     let adapter = try Adapter(vlm: vlm, options: options, out: URL(fileURLWithPath: a.out), log: eprint)
@@ -328,6 +339,8 @@ struct Align: ParsableCommand {
     @Option(name: .customLong("eval-limit")) var evalLimit: Int = 200
     @Option var seed: UInt64 = 0
     @Option(help: "Model directory to write.") var out: String = "runs/aligned"
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
@@ -339,6 +352,7 @@ struct Align: ParsableCommand {
             c.loraRank = loraRank
             vlm = try ComposedVLM.create(c, seed: seed)
         }
+        if let t = chatTemplate { try VLMLoader.useTemplate(URL(fileURLWithPath: t), for: vlm) }
         var o = AlignOptions()
         o.steps = steps
         o.batchSize = batchSize
