@@ -184,13 +184,24 @@ struct JinjaLexer {
             }
         }
         take()
+        var isFloat = false
         if peek() == ".", let d = peek(1), d.isASCII, d.properties.numericType != nil {
             digits += "."
             advance()
             take()
-            return .double(Double(digits) ?? 0)
+            isFloat = true
         }
-        return .int(Int(digits) ?? 0)
+        // An exponent: 1e-5, 2.5E3.
+        if let e = peek(), e == "e" || e == "E" {
+            let sign = peek(1) == "+" || peek(1) == "-" ? 1 : 0
+            if let d = peek(1 + sign), d.isASCII, d.properties.numericType != nil {
+                digits += "e" + (sign == 1 ? String(peek(1)!) : "")
+                advance(1 + sign)
+                take()
+                isFloat = true
+            }
+        }
+        return isFloat ? .double(Double(digits) ?? 0) : .int(Int(digits) ?? 0)
     }
 
     /// A quoted string with Python's escapes (Jinja2 decodes literals with "unicode-escape").

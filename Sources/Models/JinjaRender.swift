@@ -396,7 +396,7 @@ final class JinjaRenderer {
         case .undefined: return []
         case .list(let l): return l
         case .dict(let d): return d.keys.map { .string($0) }
-        case .string(let s): return s.map { .string(String($0)) }
+        case .string(let s): return s.unicodeScalars.map { .string(String($0)) }
         default: throw fail("cannot iterate over \(v.typeName)", at: p)
         }
     }
@@ -491,7 +491,7 @@ final class JinjaRenderer {
             return l.indices.contains(j) ? l[j] : .undefined("[\(i)]")
         case (.string(let s), _):
             guard let i = index.integer else { return stringMethod(s, index.str) ?? .undefined("[\(index.repr)]") }
-            let chars = Array(s)
+            let chars = Array(s.unicodeScalars)
             let j = i < 0 ? chars.count + i : i
             return chars.indices.contains(j) ? .string(String(chars[j])) : .undefined("[\(i)]")
         default: return .undefined("[\(index.repr)]")
@@ -519,8 +519,10 @@ final class JinjaRenderer {
         switch base {
         case .list(let l): return .list(try indices(l.count).map { l[$0] })
         case .string(let s):
-            let chars = Array(s)
-            return .string(String(try indices(chars.count).map { chars[$0] }))
+            let chars = Array(s.unicodeScalars)
+            var out = String.UnicodeScalarView()
+            out.append(contentsOf: try indices(chars.count).map { chars[$0] })
+            return .string(String(out))
         default:
             if let err = undefinedUse(base) { throw err }
             throw JinjaRuntimeError("cannot slice \(base.typeName)")
@@ -611,8 +613,8 @@ final class JinjaRenderer {
         case .namespace(let ns):
             guard case .string(let k) = v else { return false }
             return ns.values[k] != nil
+        case .undefined: return false
         default:
-            if let err = undefinedUse(container) { throw err }
             throw JinjaRuntimeError("'in' needs a string, list or mapping, not \(container.typeName)")
         }
     }
@@ -677,10 +679,7 @@ extension JinjaRenderer {
 
     func applyFilter(_ name: String, _ v: JinjaValue, _ args: [JinjaValue], _ kwargs: [(String, JinjaValue)]) throws -> JinjaValue {
         func arg(_ n: String, _ i: Int) -> JinjaValue? { argument(n, i, args, kwargs) }
-        func string() throws -> String {
-            if let err = undefinedUse(v) { throw err }
-            return v.str
-        }
+        func string() -> String { v.str }  // an undefined value is "" here, as in Jinja2
         switch name {
         case "default", "d":
             let fallback = arg("default_value", 0) ?? .string("")
@@ -689,28 +688,28 @@ extension JinjaRenderer {
         case "safe": return v
         case "string": return .string(v.str)
         case "trim":
-            if let chars = arg("chars", 0), case .string(let set) = chars { return .string(strip(try string(), set, left: true, right: true)) }
-            return .string(strip(try string(), nil, left: true, right: true))
-        case "upper": return .string(try string().uppercased())
-        case "lower": return .string(try string().lowercased())
-        case "capitalize": return .string(capitalize(try string()))
-        case "title": return .string(title(try string()))
+            if let chars = arg("chars", 0), case .string(let set) = chars { return .string(strip(string(), set, left: true, right: true)) }
+            return .string(strip(string(), nil, left: true, right: true))
+        case "upper": return .string(string().uppercased())
+        case "lower": return .string(string().lowercased())
+        case "capitalize": return .string(capitalize(string()))
+        case "title": return .string(title(string()))
         case "replace":
             guard case .string(let old)? = arg("old", 0), case .string(let new)? = arg("new", 1) else {
                 throw JinjaRuntimeError("replace needs two strings")
             }
-            return .string(replace(try string(), old, new, count: arg("count", 2)?.integer))
+            return .string(replace(string(), old, new, count: arg("count", 2)?.integer))
         case "tojson":
             return .string(try v.json(indent: arg("indent", 0)?.integer, sortKeys: arg("sort_keys", 3)?.truthy ?? false))
         case "length", "count":
             switch v {
-            case .string(let s): return .int(s.count)
+            case .string(let s): return .int(s.unicodeScalars.count)
             case .list(let l): return .int(l.count)
             case .dict(let d): return .int(d.keys.count)
             case .undefined: return .int(0)
             default: throw JinjaRuntimeError("\(v.typeName) has no length")
             }
-        case "wordcount": return .int(try string().split(whereSeparator: { $0.isWhitespace }).count)
+        case "wordcount": return .int(string().split(whereSeparator: { $0.isWhitespace }).count)
         case "int":
             switch v {
             case .int, .bool: return .int(v.integer!)
@@ -742,7 +741,7 @@ extension JinjaRenderer {
             let width = arg("width", 0)?.integer ?? 4
             let first = arg("first", 1)?.truthy ?? false, blank = arg("blank", 2)?.truthy ?? false
             let pad = String(repeating: " ", count: width)
-            let lines = try string().components(separatedBy: "\n")
+            let lines = string().components(separatedBy: "\n")
             return .string(lines.enumerated().map { i, l in
                 (i == 0 && !first) || (l.isEmpty && !blank) ? l : pad + l
             }.joined(separator: "\n"))
@@ -754,7 +753,11 @@ extension JinjaRenderer {
         case "first": return items.first ?? .undefined("first of an empty sequence")
         case "last": return items.last ?? .undefined("last of an empty sequence")
         case "reverse":
-            if case .string(let s) = v { return .string(String(s.reversed())) }
+            if case .string(let s) = v {
+                var out = String.UnicodeScalarView()
+                out.append(contentsOf: s.unicodeScalars.reversed())
+                return .string(String(out))
+            }
             return .list(items.reversed())
         case "join":
             let sep = arg("d", 0)?.str ?? ""

@@ -134,6 +134,13 @@ final class ChatTemplateTests: XCTestCase {
         // Filters bind tighter than `+`: Llama 3's `'…' + message['content'] | trim + '…'`.
         XCTAssertEqual(try render("{{ '[' + ' x ' | trim + ']' }}"), "[x]")
         XCTAssertEqual(try render("{{ {'s': 'é\"\\n'} | tojson(indent=2) }}"), "{\n  \"s\": \"é\\\"\\n\"\n}")
+        XCTAssertEqual(try render("{{ [1, [2, 'x']] | tojson(indent=2) }}|{{ {} | tojson(indent=2) }}|{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}"),
+                       "[\n  1,\n  [\n    2,\n    \"x\"\n  ]\n]|{}|{\"a\": 2, \"b\": 1}")
+        // Undefined values: empty when printed, filtered or tested, an error only when looked into.
+        XCTAssertEqual(try render("{{ 'a' in x }}{{ x | length }}{{ x == none }}[{{ x | trim }}{{ x | upper }}{{ x ~ 'a' }}{{ x | join(',') }}]"
+                                  + "{{ x | list }}{{ none.foo is defined }}{{ [1,2][5] is defined }}"), "False0False[a][]FalseFalse")
+        XCTAssertEqual(try render("{{ 3.0 }} {{ 1e-5 }} {{ 0.1 + 0.2 }} {{ 2 ** -1 }} {{ 10 / 5 }} {{ true + 1 }} {{ 'é' | length }}{{ 'aé'[1] }}{{ 'aé'[::-1] }}"),
+                       "3.0 1e-05 0.30000000000000004 0.5 2.0 2 1ééa")
     }
 
     func testVariablesAsTransformersPassesThem() throws {
