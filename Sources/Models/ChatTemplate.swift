@@ -107,7 +107,8 @@ public struct ChatTemplate: Sendable {
     public var jinjaSource: String? { if case .jinja(let t) = kind { return t.source } else { return nil } }
 
     public static let chatML = builtin("ChatML", system: nil)
-    public static let smolLM2 = builtin("SmolLM2 ChatML", system: "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    public static let smolLM2 = builtin("SmolLM2 ChatML",
+                                        system: "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
     public static let qwen2 = builtin("Qwen2 ChatML", system: "You are a helpful assistant.")
     public static let qwen2VL = builtin("Qwen2-VL ChatML", system: "You are a helpful assistant.",
                                         image: "<|vision_start|><|image_pad|><|vision_end|>")
@@ -177,7 +178,9 @@ public struct ChatTemplate: Sendable {
     /// A template file given by the user: Jinja source, or a JSON file with a `chat_template` field.
     public static func load(_ url: URL, specialTokens: [String: JinjaValue] = [:]) throws -> ChatTemplate {
         let data: Data
-        do { data = try Data(contentsOf: url) } catch { throw ModelError("\(url.path): cannot read the chat template (\(error))") }
+        do { data = try Data(contentsOf: url) } catch {
+            throw ModelError("\(url.path): cannot read the chat template (\(error))")
+        }
         guard let text = String(data: data, encoding: .utf8) else { throw ModelError("\(url.path): not UTF-8 text") }
         if url.pathExtension == "json" {
             let file: TemplateFile
@@ -254,7 +257,8 @@ struct TemplateFile: Decodable {
             case .single(let s): return s
             case .named(let list):
                 guard let d = list.first(where: { $0.name == "default" }) else {
-                    throw ModelError("\(url.path): several chat templates (\(list.map(\.name).joined(separator: ", "))) and none named default")
+                    let names = list.map(\.name).joined(separator: ", ")
+                    throw ModelError("\(url.path): several chat templates (\(names)) and none named default")
                 }
                 return d.template
             }

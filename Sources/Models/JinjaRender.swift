@@ -142,8 +142,11 @@ public indirect enum JinjaValue: Sendable {
         case .string(let s): return Self.jsonString(s)
         case .list(let l): return wrap(try l.map { try $0.json(indent: indent, level: level + 1, sortKeys: sortKeys) }, "[", "]")
         case .dict(let d):
-            let pairs = sortKeys ? d.pairs.sorted { Array($0.0.unicodeScalars.map(\.value)).lexicographicallyPrecedes($1.0.unicodeScalars.map(\.value)) } : d.pairs
-            return wrap(try pairs.map { Self.jsonString($0.0) + keySep + (try $0.1.json(indent: indent, level: level + 1, sortKeys: sortKeys)) }, "{", "}")
+            let codePoints = { (k: String) in k.unicodeScalars.map(\.value) }
+            let pairs = sortKeys ? d.pairs.sorted { codePoints($0.0).lexicographicallyPrecedes(codePoints($1.0)) } : d.pairs
+            return wrap(try pairs.map { key, value in
+                Self.jsonString(key) + keySep + (try value.json(indent: indent, level: level + 1, sortKeys: sortKeys))
+            }, "{", "}")
         case .undefined, .namespace, .function:
             throw JinjaRuntimeError("tojson cannot serialise \(typeName)")
         }
@@ -688,8 +691,9 @@ extension JinjaRenderer {
         case "safe": return v
         case "string": return .string(v.str)
         case "trim":
-            if let chars = arg("chars", 0), case .string(let set) = chars { return .string(strip(string(), set, left: true, right: true)) }
-            return .string(strip(string(), nil, left: true, right: true))
+            var chars: String?
+            if case .string(let set)? = arg("chars", 0) { chars = set }
+            return .string(strip(string(), chars, left: true, right: true))
         case "upper": return .string(string().uppercased())
         case "lower": return .string(string().lowercased())
         case "capitalize": return .string(capitalize(string()))
@@ -907,19 +911,24 @@ extension JinjaRenderer {
                 })
             }
         case "strip", "lstrip", "rstrip":
-            f = { [unowned self] args, _ in .string(strip(s, try str(args, 0), left: name != "rstrip", right: name != "lstrip")) }
+            f = { [unowned self] args, _ in
+                .string(strip(s, try str(args, 0), left: name != "rstrip", right: name != "lstrip"))
+            }
         case "upper": f = { _, _ in .string(s.uppercased()) }
         case "lower": f = { _, _ in .string(s.lowercased()) }
         case "title": f = { [unowned self] _, _ in .string(title(s)) }
         case "capitalize": f = { [unowned self] _, _ in .string(capitalize(s)) }
         case "replace":
             f = { [unowned self] args, _ in
-                guard let old = try str(args, 0), let new = try str(args, 1) else { throw JinjaRuntimeError("replace needs two strings") }
+                guard let old = try str(args, 0), let new = try str(args, 1) else {
+                    throw JinjaRuntimeError("replace needs two strings")
+                }
                 return .string(replace(s, old, new, count: args.count > 2 ? args[2].integer : nil))
             }
         case "split", "rsplit":
             f = { [unowned self] args, kwargs in
-                let sep = try str(args, 0) ?? (kwargs.first { $0.0 == "sep" }?.1).flatMap { if case .string(let v) = $0 { v } else { nil } }
+                let sepArg = kwargs.first { $0.0 == "sep" }.map { [$0.1] } ?? []
+                let sep = try str(args, 0) ?? str(sepArg, 0)
                 let maxsplit = (args.count > 1 ? args[1] : kwargs.first { $0.0 == "maxsplit" }?.1)?.integer ?? -1
                 return .list(try split(s, sep, maxsplit: maxsplit, fromRight: name == "rsplit").map { .string($0) })
             }
