@@ -7,11 +7,15 @@ Usage (from the repository root; no torch needed):
     /tmp/jvenv/bin/python scripts/reference/chat_template_fixtures.py [--out Tests/Fixtures/chat_templates]
 
 Each `*.jinja` in --out is a template written for the tests in the style of a public family's template
-(SmolLM2, Qwen2.5, Qwen2.5-VL, InternVL3 `-hf` and original, Llama 3.x, Gemma 3, Idefics3/SmolVLM, plus
+(SmolLM2, Qwen2.5, Qwen2.5-VL, Qwen3-VL, InternVL3 `-hf` and original, Llama 3.x, Gemma 3, Idefics3/SmolVLM, plus
 engine_mix.jinja for constructs none of those uses). Every template is rendered with transformers'
 `apply_chat_template(..., tokenize=False)` over every conversation below, with and without
 add_generation_prompt. A render that raises (a template's raise_exception, or a string-only template
 given a list of content parts) is recorded as {"error": ...}. Writes --out/expected.json.
+
+Other templates (published ones, say) can be checked the same way without committing them: put the
+`*.jinja` files in a folder, run this script with `--out` that folder, then
+`TTRV_CHAT_TEMPLATE_FIXTURES=folder swift test --filter ChatTemplateTests.testRendersLikeTransformers`.
 """
 from __future__ import annotations
 
@@ -56,6 +60,11 @@ CONVERSATIONS = {
                          {"role": "assistant", "content": "Ok."},
                          {"role": "user", "content": [txt("And this one: "), img(), txt(" What now?")]}],
     "bad_alternation": [{"role": "user", "content": "One."}, {"role": "user", "content": "Two."}],
+    "thinking": [{"role": "user", "content": [txt("Think: "), img()]},
+                 {"role": "assistant", "content": "<think>\nIt is red.\n</think>\n\nRed."},
+                 {"role": "user", "content": "Sure?"}],
+    "assistant_twice": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A"},
+                        {"role": "assistant", "content": "B"}],
 }
 
 
