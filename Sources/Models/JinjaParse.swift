@@ -296,6 +296,7 @@ struct JinjaParser {
         "trim", "tojson", "length", "count", "upper", "lower", "capitalize", "title", "replace", "default", "d",
         "first", "last", "join", "map", "select", "reject", "selectattr", "rejectattr", "items", "list", "string",
         "int", "float", "abs", "reverse", "safe", "unique", "sort", "min", "max", "sum", "round", "indent", "wordcount",
+        "dictsort", "escape", "e",
     ]
     static let tests: Set<String> = [
         "defined", "undefined", "none", "string", "number", "integer", "float", "boolean", "true", "false",

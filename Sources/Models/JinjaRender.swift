@@ -741,6 +741,37 @@ extension JinjaRenderer {
                 throw JinjaRuntimeError("items needs a mapping, not \(v.typeName)")
             }
             return .list(d.pairs.map { .list([.string($0.0), $0.1]) })
+        case "dictsort":
+            guard case .dict(let d) = v else { throw JinjaRuntimeError("dictsort needs a mapping, not \(v.typeName)") }
+            let caseSensitive = arg("case_sensitive", 0)?.truthy ?? false
+            let byValue = arg("by", 1)?.str == "value", reverse = arg("reverse", 2)?.truthy ?? false
+            func key(_ p: (String, JinjaValue)) -> JinjaValue {
+                let k = byValue ? p.1 : .string(p.0)
+                if !caseSensitive, case .string(let s) = k { return .string(s.lowercased()) }
+                return k
+            }
+            var failure: Error?
+            let sorted = d.pairs.sorted { a, b in
+                do { return try compare(reverse ? ">" : "<", key(a), key(b)) } catch {
+                    failure = error
+                    return false
+                }
+            }
+            if let failure { throw failure }
+            return .list(sorted.map { .list([.string($0.0), $0.1]) })
+        case "escape", "e":
+            var out = ""
+            for c in string().unicodeScalars {
+                switch c {
+                case "&": out += "&amp;"
+                case "<": out += "&lt;"
+                case ">": out += "&gt;"
+                case "\"": out += "&#34;"
+                case "'": out += "&#39;"
+                default: out.unicodeScalars.append(c)
+                }
+            }
+            return .string(out)
         case "indent":
             let width = arg("width", 0)?.integer ?? 4
             let first = arg("first", 1)?.truthy ?? false, blank = arg("blank", 2)?.truthy ?? false

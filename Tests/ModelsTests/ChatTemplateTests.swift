@@ -116,6 +116,11 @@ final class ChatTemplateTests: XCTestCase {
         XCTAssertEqual(try render("{% macro greet(name, punct='!') %}Hi {{ name }}{{ punct }}{% endmacro %}{{ greet('Ann') }} {{ greet('Bo', punct='?') }}"),
                        "Hi Ann! Hi Bo?")
         XCTAssertEqual(try render("{% set t %}in{{ 1 + 1 }}{% endset %}[{{ t }}]"), "[in2]")
+        // A macro may call one defined after it, and sees top-level variables.
+        XCTAssertEqual(try render("{% set top = 'T' %}{% macro a(x) %}[{{ b(x) }}{{ top }}]{% endmacro %}"
+                                  + "{% macro b(y, z=True) %}{{ y }}{{ z }}{% endmacro %}{{ a(1) }}"), "[1TrueT]")
+        XCTAssertEqual(try render("{% for k, v in {'b': 1, 'A': 2, 'c': 3} | dictsort %}{{ k }}{{ v }}{% endfor %}"
+                                  + "{{ ['a','b'] | map('upper') | join }}{{ '<a & \"b\">' | e }}"), "A2b1c3AB&lt;a &amp; &#34;b&#34;&gt;")
         XCTAssertEqual(try render("{% for k, v in {'p': 1, 'q': 2}.items() %}{{ k }}={{ v }};{% endfor %}"), "p=1;q=2;")
     }
 
