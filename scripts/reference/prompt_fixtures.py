@@ -17,9 +17,9 @@ Writes:
         per checkpoint, cases {name, image, system, text (ttrv's prompt, "<image>" where the image goes),
         rendered, input_ids}:
         - lm: tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        - qwen25vl, internvl (-hf): processor.apply_chat_template(..., tokenize=False) then processor(text,
-          images) -- the processor expands <|image_pad|> / <IMG_CONTEXT> -- with content parts in the
-          user's order (images before, between, after text)
+        - qwen25vl, internvl (-hf): processor.apply_chat_template(..., tokenize=True), which loads the
+          image and expands <|image_pad|> / <IMG_CONTEXT> as the processor does, with content parts in
+          the user's order (images before, between, after text)
         - internvl remote: tokenizer.apply_chat_template on "<image>\\n…" text, then "<image>" replaced by
           <img> + num_patches x 4 <IMG_CONTEXT> + </img> and tokenised, as the original chat() and vLLM do.
 """
@@ -129,8 +129,8 @@ def processor_cases(proc, image_dir, specs):
         content = [img(os.path.join(image_dir, image)) if p is None else txt(p) for p in parts]
         m = messages(system, content)
         rendered = proc.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-        kw = {"images": [Image.open(os.path.join(image_dir, image)).convert("RGB")]} if image else {}
-        inputs = proc(text=[rendered], return_tensors="np", **kw)
+        inputs = proc.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                          return_tensors="np")
         cases.append({"name": name, "image": image, "system": system, "text": text, "rendered": rendered,
                       "input_ids": inputs["input_ids"][0].tolist()})
     return cases
