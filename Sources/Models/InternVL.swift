@@ -423,8 +423,8 @@ public final class InternVL: Module, VisionLanguageModel, ChatTemplated {
     public let tokenizer: Tokenizer
     public let processor: InternVLImageProcessor
     public let stopIds: Set<Int>
-    /// System turn used when `prepare` gets none. The `-hf` chat template has none; the original
-    /// InternVL chat code uses its own Chinese system message, which callers can put here.
+    /// System turn used when `prepare` gets none; nil leaves it to the chat template (the original
+    /// checkpoints' template has its own default system message, the `-hf` one has none).
     public var defaultSystemPrompt: String?
     /// The checkpoint's template (ttrv's built-in ChatML when it has none).
     public var chatTemplate: ChatTemplate = .chatML
