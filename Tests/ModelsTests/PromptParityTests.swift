@@ -5,7 +5,8 @@ import XCTest
 
 /// End to end: each family's `prepare` on the tiny test checkpoints, through the checkpoint's own chat
 /// template and image expansion, gives the prompt ids transformers builds (processor +
-/// apply_chat_template; scripts/reference/prompt_fixtures.py), images before, between and after text.
+/// apply_chat_template; scripts/reference/prompt_fixtures.py), images before, between and after text,
+/// and greedy generation from it continues as transformers' `generate` does.
 final class PromptParityTests: XCTestCase {
     struct Case: Decodable {
         let name: String
@@ -14,6 +15,8 @@ final class PromptParityTests: XCTestCase {
         let text: String
         let rendered: String
         let input_ids: [Int]
+        /// transformers' greedy continuation (8 tokens, no EOS stop).
+        let greedy_ids: [Int]
     }
     struct Fixtures: Decodable {
         let lm: [Case]
@@ -29,6 +32,8 @@ final class PromptParityTests: XCTestCase {
             let image = try c.image.map { try Image.load(images.appendingPathComponent($0)) }
             let p = try noGrad { try vlm.prepare(text: c.text, image: image, system: c.system) }
             XCTAssertEqual(p.tokenIds, c.input_ids, "\(label) \(c.name)")
+            let out = try TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: []).generate(p, params: .greedy(maxTokens: 8))
+            XCTAssertEqual(out[0].tokens, c.greedy_ids, "\(label) \(c.name): greedy continuation")
         }
     }
 

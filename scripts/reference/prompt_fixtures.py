@@ -2,10 +2,15 @@
 """End-to-end prompt fixtures: the tiny test checkpoints, each with a chat template like its family's,
 and the prompt token ids transformers builds for them. For Tests/ModelsTests/PromptParityTests.swift.
 
-Usage (from the repository root; no torch needed):
+Usage (from the repository root):
 
-    python3 -m venv /tmp/jvenv && /tmp/jvenv/bin/pip install transformers jinja2 tokenizers pillow numpy
+    python3 -m venv /tmp/jvenv && /tmp/jvenv/bin/pip install transformers jinja2 tokenizers pillow numpy torch
     /tmp/jvenv/bin/python scripts/reference/prompt_fixtures.py
+
+With torch installed (CPU, float32, one thread, eager attention), each case also gets `greedy_ids`: the
+8 tokens `generate(do_sample=False)` continues the prompt with (no EOS stop) on the tiny checkpoint --
+tiny-llama for lm, the qwen25vl checkpoint, InternVL's `-hf` tiny checkpoint for both InternVL layouts
+(the remote layout holds the same weights). Without torch, ids only.
 
 Writes:
   Tests/Fixtures/lm/chat/tokenizer.json, tokenizer_config.json
@@ -75,6 +80,26 @@ def messages(system, content):
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
 
 
+try:
+    import torch
+    torch.set_num_threads(1)
+except ImportError:
+    torch = None
+
+
+def greedy(model, inputs):
+    """8 greedy tokens after the prompt, without stopping at EOS."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def load(cls, path):
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
 def ids_of(x):
     return list(x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x)
 
@@ -97,12 +122,20 @@ def lm_cases():
                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
     hf.chat_template = LM_TEMPLATE
     cases = []
+    model = None
+    if torch is not None:
+        from transformers import LlamaForCausalLM
+        model = load(LlamaForCausalLM, os.path.join(FIX, "lm", "tiny-llama"))
     for name, system, text in [("user", None, "What is the capital of France?"),
                                ("system", "Answer briefly.", "Name a colour.")]:
         m = messages(system, text)
-        cases.append({"name": name, "image": None, "system": system, "text": text,
-                      "rendered": hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                      "input_ids": ids_of(hf.apply_chat_template(m, tokenize=True, add_generation_prompt=True))})
+        case = {"name": name, "image": None, "system": system, "text": text,
+                "rendered": hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                "input_ids": ids_of(hf.apply_chat_template(m, tokenize=True, add_generation_prompt=True))}
+        if model is not None:
+            ids = torch.tensor([case["input_ids"]])
+            case["greedy_ids"] = greedy(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        cases.append(case)
     return cases
 
 
@@ -123,16 +156,19 @@ class InternProcessor(NoVideo, InternVLProcessor):
     pass
 
 
-def processor_cases(proc, image_dir, specs):
+def processor_cases(proc, image_dir, specs, model=None):
     cases = []
     for name, image, system, parts, text in specs:
         content = [img(os.path.join(image_dir, image)) if p is None else txt(p) for p in parts]
         m = messages(system, content)
         rendered = proc.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
         inputs = proc.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=True,
-                                          return_tensors="np")
-        cases.append({"name": name, "image": image, "system": system, "text": text, "rendered": rendered,
-                      "input_ids": inputs["input_ids"][0].tolist()})
+                                          return_tensors="pt" if model is not None else "np")
+        case = {"name": name, "image": image, "system": system, "text": text, "rendered": rendered,
+                "input_ids": inputs["input_ids"][0].tolist()}
+        if model is not None:
+            case["greedy_ids"] = greedy(model, dict(inputs))
+        cases.append(case)
     return cases
 
 
@@ -154,7 +190,12 @@ def qwen_cases():
     with open(os.path.join(d, "preprocessor_config.json")) as f:
         pp = json.load(f)
     ip = Qwen2VLImageProcessorPil(min_pixels=pp["min_pixels"], max_pixels=pp["max_pixels"])
-    return processor_cases(QwenProcessor(image_processor=ip, tokenizer=tok, chat_template=template), d, VISION_SPECS)
+    model = None
+    if torch is not None:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        model = load(Qwen2_5_VLForConditionalGeneration, d)
+    proc = QwenProcessor(image_processor=ip, tokenizer=tok, chat_template=template)
+    return processor_cases(proc, d, VISION_SPECS, model)
 
 
 def internvl_image_processor(d):
@@ -172,7 +213,14 @@ def internvl_cases():
         template = f.read()
     proc = InternProcessor(image_processor=internvl_image_processor(d), tokenizer=tok, image_seq_length=4,
                            chat_template=template)
-    return processor_cases(proc, os.path.join(FIX, "internvl"), VISION_SPECS)
+    return processor_cases(proc, os.path.join(FIX, "internvl"), VISION_SPECS, internvl_model())
+
+
+def internvl_model():
+    if torch is None:
+        return None
+    from transformers import InternVLForConditionalGeneration
+    return load(InternVLForConditionalGeneration, os.path.join(FIX, "internvl", "tiny"))
 
 
 def remote_cases():
@@ -184,29 +232,39 @@ def remote_cases():
                                   pad_token="<|endoftext|>")
     tok.chat_template = REMOTE_TEMPLATE
     ip = internvl_image_processor(os.path.join(FIX, "internvl", "tiny"))
+    model = internvl_model()
     cases = []
     for name, image, system, _, text in VISION_SPECS:
         query = text if image is None or "<image>" in text else "<image>\n" + text
         rendered = tok.apply_chat_template(messages(system, query), tokenize=False, add_generation_prompt=True)
-        prompt = rendered
+        prompt, pixels = rendered, None
         if image:
             im = Image.open(os.path.join(FIX, "internvl", image)).convert("RGB")
-            n = int(ip(images=[im], return_tensors="np")["num_patches"][0])
+            processed = ip(images=[im], return_tensors="pt" if model is not None else "np")
+            n = int(processed["num_patches"][0])
             prompt = rendered.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (n * 4) + "</img>", 1)
-        cases.append({"name": name, "image": image, "system": system, "text": text, "rendered": rendered,
-                      "input_ids": tok(prompt, add_special_tokens=False)["input_ids"]})
+            pixels = processed["pixel_values"]
+        case = {"name": name, "image": image, "system": system, "text": text, "rendered": rendered,
+                "input_ids": tok(prompt, add_special_tokens=False)["input_ids"]}
+        if model is not None:
+            ids = torch.tensor([case["input_ids"]])
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if pixels is not None:
+                inputs["pixel_values"] = pixels
+            case["greedy_ids"] = greedy(model, inputs)
+        cases.append(case)
     return cases
 
 
 def main():
     import transformers
-    fx = {"versions": {"transformers": transformers.__version__},
+    fx = {"versions": {"transformers": transformers.__version__, "torch": torch.__version__ if torch else None},
           "lm": lm_cases(), "qwen25vl": qwen_cases(), "internvl": internvl_cases(), "internvl_remote": remote_cases()}
     with open(os.path.join(FIX, "prompts.json"), "w") as f:
         json.dump(fx, f, ensure_ascii=False, indent=1)
         f.write("\n")
     for k in ("lm", "qwen25vl", "internvl", "internvl_remote"):
-        print(k, [(c["name"], len(c["input_ids"])) for c in fx[k]])
+        print(k, [(c["name"], len(c["input_ids"]), c.get("greedy_ids")) for c in fx[k]])
 
 
 if __name__ == "__main__":
