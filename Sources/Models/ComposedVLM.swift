@@ -4,7 +4,9 @@ import Torch
 /// A frozen image encoder that turns an image into a short sequence of feature vectors.
 public protocol ImageEncoder: AnyObject {
     var featureDim: Int { get }
-    /// [1, K, featureDim] for one image (no gradient: the encoder is frozen).
+    /// The encoder's weights, as the composed model registers them (`vision_tower.*`).
+    var module: Module { get }
+    /// [1, K, featureDim] for one image (with autograd when it is on and encoder weights train).
     func encode(_ image: Image) throws -> Tensor
     /// The encoder's batch-norm layers by name; none means test-time recalibration does not apply.
     var batchNorms: [(name: String, module: BatchNorm2d)] { get }
@@ -78,9 +80,8 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     public let language: LanguageModel
     public let projector: Projector
     public let module: Module
-    /// Encoder features per image: the encoder is frozen, so each image is encoded once.
-    private var featureCache: [ImageKey: Tensor] = [:]
-    private let cacheLock = NSLock()
+    /// Encoder features per image (evaluation sees each image twice, adaptation several times a step).
+    private let featureCache = ImageFeatureCache(capacity: 4096)
 
     public var lm: CausalLM { language.model }
     public var tokenizer: Tokenizer { language.tokenizer }
@@ -93,11 +94,17 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
         chatTemplate = language.template
         projector = try Projector(inFeatures: encoder.featureDim, hidden: config.projectorHidden,
                                   outFeatures: language.model.hiddenSize, seed: seed)
-        if let r = config.loraRank { try language.model.addLoRA(rank: r, alpha: config.loraAlpha, seed: seed) }
         module = Module()
+        module.register("vision_tower", encoder.module)
         module.register("language_model", language.model)
         module.register("multi_modal_projector", projector)
+        try module.freeze(matching: ["vision_tower.*"])
+        if let r = config.loraRank { try addLoRA(rank: r, alpha: config.loraAlpha, seed: seed) }
     }
+
+    public var parts: ModelParts { ModelParts(vision: [encoder.module], projector: [projector], language: language.model) }
+    /// The reference's choice for a small composed model: the adapters and the projector.
+    public var defaultTrainedParts: [ModelPart] { [.projector, .lm] }
 
     /// The weights this model adds to its pretrained parts (saved in the model directory).
     public var ownParameters: [(name: String, tensor: Tensor)] {
@@ -105,18 +112,7 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     }
 
     public func imageEmbeddings(_ image: Image) throws -> Tensor {
-        let key = ImageKey(image)
-        cacheLock.lock()
-        let cached = featureCache[key]
-        cacheLock.unlock()
-        let feats: Tensor
-        if let cached { feats = cached } else {
-            feats = try noGrad { try encoder.encode(image) }
-            cacheLock.lock()
-            featureCache[key] = feats
-            cacheLock.unlock()
-        }
-        return try projector(feats)
+        try projector(featureCache.features(image, tower: [encoder.module]) { try encoder.encode(image) })
     }
 
     public func prepare(text: String, image: Image?, system: String?) throws -> PreparedPrompt {
@@ -194,7 +190,7 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
             throw ModelError("model has no vision source statistics (\(Self.visionSourceFile)); `ttrv calibrate --model DIR --data SPEC` measures them on clean data")
         }
         try encoder.calibrate(images, mode: .matchSource)
-        clearFeatureCache()
+        clearImageCache()
         return visionCorrections()
     }
 
@@ -207,10 +203,17 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
         return out
     }
 
-    func clearFeatureCache() {
-        cacheLock.lock()
-        featureCache.removeAll()
-        cacheLock.unlock()
+    public func clearImageCache() { featureCache.removeAll() }
+
+    /// Puts back corrections saved from `visionCorrections()` (e.g. by an adaptation run in `file`).
+    public func setVisionCorrections(_ c: [String: Tensor], from file: URL) throws {
+        for (name, bn) in encoder.batchNorms {
+            guard let scale = c[name + ".scale"], let shift = c[name + ".shift"] else {
+                throw ModelError("\(file.path): no correction for \(name)")
+            }
+            do { try bn.setCorrection(scale: scale, shift: shift) } catch { throw ModelError("\(file.path): \(error)") }
+        }
+        clearImageCache()
     }
 
     /// Stands for the image in the prompt text.
@@ -270,13 +273,3 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     }
 }
 
-/// Identity of an image's pixels, for the feature cache.
-struct ImageKey: Hashable {
-    let width: Int, height: Int, channels: Int, pixels: [UInt8]
-    init(_ i: Image) {
-        width = i.width
-        height = i.height
-        channels = i.channels
-        pixels = i.pixels
-    }
-}

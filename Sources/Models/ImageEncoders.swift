@@ -8,6 +8,7 @@ public final class EfficientNetEncoder: ImageEncoder {
     public let imageSize: Int, cropPadding: Int
     public let batchNorms: [(name: String, module: BatchNorm2d)]
     public var featureDim: Int { net.config.headChannels }
+    public var module: Module { net }
 
     public init(net: EfficientNetLite, imageSize: Int, cropPadding: Int) {
         self.net = net
@@ -17,7 +18,7 @@ public final class EfficientNetEncoder: ImageEncoder {
     }
 
     public func encode(_ image: Image) throws -> Tensor {
-        try noGrad { try net.imageTokens(EfficientNetLite.preprocess(image, size: imageSize, cropPadding: cropPadding)) }
+        try net.imageTokens(EfficientNetLite.preprocess(image, size: imageSize, cropPadding: cropPadding))
     }
 
     public func calibrate(_ images: [Image], mode: BatchNorm2d.Calibration) throws {

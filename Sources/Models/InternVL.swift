@@ -236,7 +236,7 @@ public enum InternVLWeights {
 // MARK: - vision tower (InternViT)
 
 /// LayerNorm or RMSNorm, as the config says; both keep the checkpoint names `weight` (and `bias`).
-public final class InternVisionNorm: Module {
+public final class InternVisionNorm: Module, NormLayer {
     public let weight: Tensor, bias: Tensor?
     let rms: Bool, eps: Double
 
@@ -432,8 +432,12 @@ public final class InternVL: Module, VisionLanguageModel, ChatTemplated {
 
     public var lm: CausalLM { language_model }
     public var module: Module { self }
-    /// Parameter patterns that stay frozen unless a caller asks otherwise.
-    public static let frozenByDefault = ["vision_tower.*"]
+    public var parts: ModelParts {
+        ModelParts(vision: [vision_tower], projector: [multi_modal_projector], language: language_model)
+    }
+    /// The reference trains InternVL's projector and language model; the vision tower stays frozen.
+    public var defaultTrainedParts: [ModelPart] { [.projector, .lm] }
+    public func clearImageCache() { featureCache.removeAll() }
 
     public init(_ config: InternVLConfig, tokenizer: Tokenizer, processor: InternVLImageProcessor) throws {
         self.config = config
@@ -482,7 +486,7 @@ public final class InternVL: Module, VisionLanguageModel, ChatTemplated {
         var report = try model.load(state, strict: false)
         report.unexpected = report.unexpected.filter { !$0.hasSuffix("rotary_emb.inv_freq") }
         guard report.isClean else { throw ModelError("\(dir.path): weights do not match the config: \(report)") }
-        try model.freeze(matching: frozenByDefault)
+        try model.vision_tower.freeze()
         return model
     }
 
@@ -506,39 +510,12 @@ public final class InternVL: Module, VisionLanguageModel, ChatTemplated {
     /// tower's output is kept for the few most recent images (bounded: one InternVL3 image at 13 tiles
     /// is 13 × 256 × 4096 floats, 54 MB).
     public func imageEmbeddings(_ image: Image) throws -> Tensor {
-        if visionTowerTrainable { return try imageFeatures(processor.pixelValues(image)) }
-        let key = ImageKey(image)
-        cacheLock.lock()
-        let cached = featureCache.first { $0.key == key }?.tokens
-        cacheLock.unlock()
-        let tokens = try cached ?? visionTokens(processor.pixelValues(image))
-        if cached == nil {
-            cacheLock.lock()
-            featureCache.append((key, tokens))
-            if featureCache.count > Self.cachedImages { featureCache.removeFirst() }
-            cacheLock.unlock()
-        }
-        return try multi_modal_projector(tokens)
+        try multi_modal_projector(featureCache.features(image, tower: [vision_tower]) {
+            try visionTokens(processor.pixelValues(image))
+        })
     }
 
-    static let cachedImages = 4
-    var featureCache: [(key: ImageKey, tokens: Tensor)] = []
-    private let cacheLock = NSLock()
-
-    struct ImageKey: Equatable {
-        let width: Int, height: Int, channels: Int, hash: Int
-        let pixels: [UInt8] // compared on a hash match, so a collision cannot return another image's features
-        init(_ image: Image) {
-            width = image.width
-            height = image.height
-            channels = image.channels
-            pixels = image.pixels
-            hash = image.pixels.hashValue
-        }
-        static func == (a: ImageKey, b: ImageKey) -> Bool {
-            a.hash == b.hash && a.width == b.width && a.height == b.height && a.channels == b.channels && a.pixels == b.pixels
-        }
-    }
+    let featureCache = ImageFeatureCache(capacity: 4)
 
     /// [N, g², C] patch features → [N, (g/k)², C·k²] with k = 1/downsample_ratio: each output token
     /// stacks a k×k neighbourhood, in the channel order of HF's pixel_shuffle (ps_version v2).
@@ -614,6 +591,6 @@ public final class InternVL: Module, VisionLanguageModel, ChatTemplated {
         }
         let embeddings = try embed(ids: ids, features: features)
         return PreparedPrompt(embeddings: embeddings, positions: try Tensor.arange(ids.count).unsqueeze(0),
-                              nextPosition: ids.count, tokenIds: ids)
+                              nextPosition: ids.count, tokenIds: ids.map { $0 == imageTokenId ? -1 : $0 })
     }
 }

@@ -162,17 +162,6 @@ public struct Rotary {
     }
 }
 
-extension Module {
-    /// Replaces child `name` by a LoRA wrapper of it when it is a plain Linear named in `targets`.
-    func wrapLoRA(_ name: String, _ l: any LinearLayer, targets: Set<String>, rank: Int, alpha: Double,
-                  generator: Generator) throws -> any LinearLayer {
-        guard targets.contains(name), let plain = l as? Linear else { return l }
-        let w = try LoRALinear(plain, rank: rank, alpha: alpha, generator: generator)
-        replaceChild(name, with: w)
-        return w
-    }
-}
-
 /// Attention mask [B, 1, T, L] (true = attend) for T new queries after `past` cached positions,
 /// or nil when plain causal attention (or none, for one new token) is exact.
 func attentionMask(newTokens t: Int, past: Int, validKeys: Tensor?) throws -> Tensor? {
@@ -190,7 +179,7 @@ func attentionMask(newTokens t: Int, past: Int, validKeys: Tensor?) throws -> Te
 }
 
 public final class LlamaAttention: Module {
-    public private(set) var q_proj: any LinearLayer, k_proj: any LinearLayer, v_proj: any LinearLayer, o_proj: any LinearLayer
+    public let q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear
     let heads: Int, kvHeads: Int, headDim: Int
 
     init(_ c: LlamaConfig) throws {
@@ -208,17 +197,6 @@ public final class LlamaAttention: Module {
         register("o_proj", o_proj)
     }
 
-    /// Wraps the named projections (q_proj, k_proj, v_proj, o_proj) with LoRA adapters.
-    func addLoRA(_ targets: Set<String>, rank: Int, alpha: Double, generator: Generator) throws {
-        func wrap(_ name: String, _ l: any LinearLayer) throws -> any LinearLayer {
-            try wrapLoRA(name, l, targets: targets, rank: rank, alpha: alpha, generator: generator)
-        }
-        q_proj = try wrap("q_proj", q_proj)
-        k_proj = try wrap("k_proj", k_proj)
-        v_proj = try wrap("v_proj", v_proj)
-        o_proj = try wrap("o_proj", o_proj)
-    }
-
     func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
         let (b, t) = (x.size(0), x.size(1))
         var q = try q_proj(x).view([b, t, heads, headDim]).transpose(1, 2)
@@ -234,7 +212,7 @@ public final class LlamaAttention: Module {
 }
 
 public final class LlamaMLP: Module {
-    public private(set) var gate_proj: any LinearLayer, up_proj: any LinearLayer, down_proj: any LinearLayer
+    public let gate_proj: Linear, up_proj: Linear, down_proj: Linear
     init(_ c: LlamaConfig) throws {
         gate_proj = try Linear(c.hiddenSize, c.intermediateSize, bias: false, initialize: false)
         up_proj = try Linear(c.hiddenSize, c.intermediateSize, bias: false, initialize: false)
@@ -244,15 +222,6 @@ public final class LlamaMLP: Module {
         register("up_proj", up_proj)
         register("down_proj", down_proj)
     }
-    func addLoRA(_ targets: Set<String>, rank: Int, alpha: Double, generator: Generator) throws {
-        func wrap(_ name: String, _ l: any LinearLayer) throws -> any LinearLayer {
-            try wrapLoRA(name, l, targets: targets, rank: rank, alpha: alpha, generator: generator)
-        }
-        gate_proj = try wrap("gate_proj", gate_proj)
-        up_proj = try wrap("up_proj", up_proj)
-        down_proj = try wrap("down_proj", down_proj)
-    }
-
     func callAsFunction(_ x: Tensor) throws -> Tensor { try down_proj(gate_proj(x).silu() * up_proj(x)) }
 }
 
@@ -349,18 +318,6 @@ public final class LlamaForCausalLM: Module, CausalLM {
     }
 
     public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, lmHead) }
-
-    /// Freezes the base weights and adds LoRA adapters to the named projections of every layer
-    /// (default: the attention and MLP projections, as is usual for LoRA fine-tuning).
-    public func addLoRA(rank: Int, alpha: Double? = nil, targets: Set<String> = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                        seed: UInt64 = 0) throws {
-        try freeze()
-        let g = Generator(seed: seed)
-        for layer in model.layers {
-            try layer.self_attn.addLoRA(targets, rank: rank, alpha: alpha ?? Double(2 * rank), generator: g)
-            try layer.mlp.addLoRA(targets, rank: rank, alpha: alpha ?? Double(2 * rank), generator: g)
-        }
-    }
 
     /// Convenience: logits for token ids [B, T] (no cache, positions 0..<T).
     public func callAsFunction(_ ids: Tensor) throws -> Tensor {

@@ -263,6 +263,8 @@ public final class Qwen25VisionTransformer: Module {
     public let patchWeight: Tensor
     public let blocks: [Qwen25VisionBlock]
     public let ln_q: RMSNorm, mlp0: Linear, mlp2: Linear
+    /// The tower proper (patch embedding and blocks) and the merger, which is Qwen's projector.
+    public let tower: [Module], merger: Module
     let invFreq: Tensor
 
     init(_ c: Qwen25VLVisionConfig) throws {
@@ -275,15 +277,15 @@ public final class Qwen25VisionTransformer: Module {
         mlp2 = try Linear(merged, c.outHiddenSize, initialize: false)
         // Height and width each rotate a quarter of the head dim's frequencies.
         invFreq = try Rotary(headDim: c.headDim / 2, theta: c.ropeTheta).invFreq
+        let embed = Module(), proj = Module(), list = Module(), merger = Module(), mlp = Module()
+        tower = [embed, list]
+        self.merger = merger
         super.init()
-        let embed = Module(), proj = Module()
         proj.register("weight", patchWeight)
         embed.register("proj", proj)
         register("patch_embed", embed)
-        let list = Module()
         for (i, b) in blocks.enumerated() { list.register("\(i)", b) }
         register("blocks", list)
-        let merger = Module(), mlp = Module()
         merger.register("ln_q", ln_q)
         mlp.register("0", mlp0)
         mlp.register("2", mlp2)
@@ -473,6 +475,11 @@ public final class Qwen25VL: VisionLanguageModel, ChatTemplated {
     public var lm: CausalLM { model }
     public var module: Module { model }
     public var config: Qwen25VLConfig { model.config }
+    public var parts: ModelParts {
+        ModelParts(vision: model.visual.tower, projector: [model.visual.merger], language: model.languageModel)
+    }
+    /// The reference trains every Qwen2.5-VL weight.
+    public var defaultTrainedParts: [ModelPart] { [.vision, .projector, .lm] }
 
     public init(model: Qwen2_5_VLForConditionalGeneration, tokenizer: Tokenizer, processor: Qwen25VLImageProcessor,
                 stopIds: Set<Int>, chatTemplate: ChatTemplate = .qwen2VL) {
@@ -558,7 +565,7 @@ public final class Qwen25VL: VisionLanguageModel, ChatTemplated {
                                                grids: processed.map(\.grid), merge: config.vision.spatialMergeSize)
         return PreparedPrompt(embeddings: embeds,
                               positions: try Tensor(positions.flatMap { $0 }.map { Int64($0) }, shape: [3, 1, expanded.count]),
-                              nextPosition: next, tokenIds: expanded)
+                              nextPosition: next, tokenIds: expanded.map { $0 == config.imageTokenId ? -1 : $0 })
     }
 
     /// HF's get_rope_index for images: text advances all three positions together; an image's

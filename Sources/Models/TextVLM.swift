@@ -10,6 +10,8 @@ public final class TextOnlyVLM: VisionLanguageModel, ChatTemplated {
     public var lm: CausalLM { language.model }
     public var tokenizer: Tokenizer { language.tokenizer }
     public var stopIds: Set<Int> { language.stopIds }
+    public var parts: ModelParts { ModelParts(vision: [], projector: [], language: language.model) }
+    public var defaultTrainedParts: [ModelPart] { [.lm] }
 
     public init(_ language: LanguageModel) {
         self.language = language

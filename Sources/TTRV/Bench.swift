@@ -163,7 +163,7 @@ public enum Bench {
         o.epochs = steps + 1
         let adapter = try Adapter(vlm: vlm, options: o, out: out, log: { _ in })
         var logs: [StepLog] = []
-        for i in 0...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1).0) }
+        for i in 0...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1)) }
         let measured = Array(logs.dropFirst())
         func med(_ f: (StepLog) -> Double) -> Double { let v = measured.map(f).sorted(); return v[v.count / 2] }
         return ["ttrv_step_seconds": med(\.seconds), "ttrv_rollout_seconds": med(\.rolloutSeconds),

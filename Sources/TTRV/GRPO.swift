@@ -48,20 +48,32 @@ public enum GRPO {
         try (x * mask).sum() / mask.sum().clamp(min: 1)
     }
 
+    public struct PolicyLoss {
+        public var loss: Tensor
+        /// Share of trained tokens whose ratio the clip cut.
+        public var clipFraction: Double
+        /// max |log ratio| over trained tokens: 0 while the update is on-policy.
+        public var maxAbsLogRatio: Double
+    }
+
     /// PPO-clip with dual clip (verl's compute_policy_loss): for A<0 the loss is capped at
-    /// −A·c so that a very large ratio cannot dominate. Returns (loss, fraction of clipped tokens).
+    /// −A·c so that a very large ratio cannot dominate.
     public static func policyLoss(logp: Tensor, oldLogp: Tensor, advantages: Tensor, mask: Tensor,
-                                  config: PolicyLossConfig) throws -> (Tensor, Double) {
+                                  config: PolicyLossConfig) throws -> PolicyLoss {
         let adv = try advantages.unsqueeze(1)
-        let ratio = try (logp - oldLogp).clamp(min: -20, max: 20).exp()
+        let logRatio = try logp - oldLogp
+        let ratio = try logRatio.clamp(min: -20, max: 20).exp()
         let l1 = try adv.neg() * ratio
         let l2 = try adv.neg() * ratio.clamp(min: 1 - config.clip, max: 1 + config.clip)
         let clipped = try l1.maximum(l2)
         let l3 = try adv.neg() * config.dualClip
         let dual = try clipped.minimum(l3)
         let losses = try Tensor.where(adv.lt(0), dual, clipped)
-        let clipFrac = try noGrad { try maskedMean(l2.gt(l1).to(.float32), mask).item() }
-        return (try maskedMean(losses, mask), clipFrac)
+        let loss = try maskedMean(losses, mask)
+        return try noGrad {
+            PolicyLoss(loss: loss, clipFraction: try maskedMean(l2.gt(l1).to(.float32), mask).item(),
+                       maxAbsLogRatio: try (logRatio.abs() * mask).max().item())
+        }
     }
 
     /// "low_var_kl" (k3 estimator) of the policy from the reference per token, clamped to

@@ -1,7 +1,7 @@
 import Foundation
 
 /// What a vote earns before the entropy term.
-public enum RewardKind: Sendable, Equatable {
+public enum RewardKind: String, Codable, Sendable, Equatable {
     /// The reference: the share of votes that agree with this answer.
     case frequency
     /// TTRL-style: 1 for the majority answer, 0 otherwise.

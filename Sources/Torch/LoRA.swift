@@ -1,58 +1,64 @@
 import Foundation
 
-/// Anything that maps [.., in] → [.., out] like a Linear (a plain one or a LoRA-wrapped one).
-public protocol LinearLayer: Module {
-    var weight: Tensor { get }
-    func callAsFunction(_ x: Tensor) throws -> Tensor
-}
-
-extension Linear: LinearLayer {}
-
-/// A frozen Linear plus a trainable low-rank update: y = base(x) + (alpha/r) · B(A(x)).
-/// The base parameters keep their checkpoint names (`weight`, `bias`) so the wrapped model
-/// still loads base checkpoints; the adapter adds `lora_A.weight` and `lora_B.weight`.
-public final class LoRALinear: Module, LinearLayer {
-    public let base: Linear
-    public let loraA: Tensor, loraB: Tensor
+/// A trainable low-rank update of a Linear (Hu et al. 2021): y = W x + b + (alpha/r) · B A x.
+/// Its tensors are registered on the Linear as `lora_A.weight` and `lora_B.weight`, so a model with
+/// adapters keeps every base parameter name and still loads base checkpoints.
+public final class LoRA {
+    public let a: Tensor, b: Tensor
+    public let rank: Int
     public let scale: Double
-    /// Off = the base layer alone (the frozen starting model, e.g. as the KL reference).
-    public var enabled = true
-    public var weight: Tensor { base.weight }
-
-    public init(_ base: Linear, rank: Int, alpha: Double, generator: Generator? = nil) throws {
-        self.base = base
-        // As PEFT: A is kaiming-uniform, B starts at zero, so the wrapped layer starts exactly
-        // equal to the base layer.
-        let bound = 1 / Double(base.inFeatures).squareRoot()
-        loraA = try (Tensor.rand([rank, base.inFeatures], generator: generator) * (2 * bound) - bound)
-        loraB = try Tensor.zeros([base.outFeatures, rank])
-        scale = alpha / Double(rank)
-        super.init()
-        register("weight", base.weight)
-        if let b = base.bias { register("bias", b) }
-        let a = Module(), bm = Module()
-        a.register("weight", loraA)
-        bm.register("weight", loraB)
-        register("lora_A", a)
-        register("lora_B", bm)
-        try base.weight.requiresGrad(false)
-        try base.bias?.requiresGrad(false)
-        try loraA.requiresGrad(true)
-        try loraB.requiresGrad(true)
-    }
-
-    /// W + scale·B·A for forward passes without autograd (rollout, evaluation): one matmul
-    /// instead of three plus an add, which matters when decoding runs one token at a time.
-    /// Rebuilt when any of the three tensors has been modified in place since (optimiser step, load).
+    /// W + scale·B·A for passes without autograd (rollout, evaluation): one matmul instead of three
+    /// plus an add per call. Rebuilt when W, A or B has been modified in place since (optimiser
+    /// step, load, weight swap), which libtorch's version counters tell.
     private var merged: (weight: Tensor, versions: [Int])?
 
-    public func callAsFunction(_ x: Tensor) throws -> Tensor {
-        guard enabled else { return try base(x) }
-        guard !LibTorch.gradEnabled else { return try base(x) + F.linear(F.linear(x, loraA), loraB) * scale }
-        let versions = [base.weight.version, loraA.version, loraB.version]
-        if merged?.versions != versions {
-            merged = (try base.weight + loraB.matmul(loraA) * scale, versions)
+    init(inFeatures: Int, outFeatures: Int, rank: Int, alpha: Double, generator: Generator?) throws {
+        // As PEFT: A is uniform(±1/√in), B starts at zero, so the layer starts equal to the base layer.
+        let bound = 1 / Double(inFeatures).squareRoot()
+        a = try Tensor.rand([rank, inFeatures], generator: generator) * (2 * bound) - bound
+        b = try Tensor.zeros([outFeatures, rank])
+        self.rank = rank
+        scale = alpha / Double(rank)
+    }
+
+    func apply(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
+        guard !LibTorch.gradEnabled else {
+            return try F.linear(x, weight, bias) + F.linear(F.linear(x, a), b) * scale
         }
-        return try F.linear(x, merged!.weight, base.bias)
+        let versions = [weight.version, a.version, b.version]
+        if merged?.versions != versions { merged = (try weight + b.matmul(a) * scale, versions) }
+        return try F.linear(x, merged!.weight, bias)
     }
 }
+
+extension Module {
+    /// Attaches LoRA adapters to every Linear below this module whose own name (the last part of its
+    /// parameter path, e.g. `q_proj`) is in `targets`; returns how many. Linears that already carry an
+    /// adapter are left alone. Which parameters train is the caller's choice (see `requiresGrad`).
+    @discardableResult
+    public func addLoRA(rank: Int, alpha: Double, targets: Set<String>, generator: Generator) throws -> Int {
+        guard rank > 0 else { throw TorchError("LoRA rank must be positive, got \(rank)") }
+        var added = 0
+        for (name, m) in namedModules() {
+            guard let linear = m as? Linear, linear.lora == nil,
+                  targets.contains(String(name.split(separator: ".").last ?? "")) else { continue }
+            try linear.attachLoRA(rank: rank, alpha: alpha, generator: generator)
+            added += 1
+        }
+        return added
+    }
+
+    /// The LoRA adapter modules (`lora_A`, `lora_B`) below this module.
+    public var loraModules: [Module] {
+        namedModules().compactMap { $0.module as? Linear }.flatMap { $0.loraChildren }
+    }
+
+    /// The normalisation layers below this module (batch, layer and RMS norms).
+    public var normLayers: [Module] { namedModules().map(\.module).filter { $0 is NormLayer } }
+}
+
+/// Marks normalisation layers, whose affine parameters test-time adaptation may train alone.
+public protocol NormLayer: Module {}
+extension BatchNorm2d: NormLayer {}
+extension LayerNorm: NormLayer {}
+extension RMSNorm: NormLayer {}

@@ -155,7 +155,27 @@ public final class Linear: Module {
         register("weight", weight)
         if let b = self.bias { register("bias", b) }
     }
-    public func callAsFunction(_ x: Tensor) throws -> Tensor { try F.linear(x, weight, bias) }
+
+    /// A low-rank adapter added to this layer (see `Module.addLoRA`).
+    public private(set) var lora: LoRA?
+
+    public func callAsFunction(_ x: Tensor) throws -> Tensor {
+        guard let lora else { return try F.linear(x, weight, bias) }
+        return try lora.apply(x, weight: weight, bias: bias)
+    }
+
+    func attachLoRA(rank: Int, alpha: Double, generator: Generator?) throws {
+        let adapter = try LoRA(inFeatures: inFeatures, outFeatures: outFeatures, rank: rank, alpha: alpha,
+                               generator: generator)
+        let a = Module(), b = Module()
+        a.register("weight", adapter.a)
+        b.register("weight", adapter.b)
+        register("lora_A", a)
+        register("lora_B", b)
+        lora = adapter
+    }
+
+    var loraChildren: [Module] { lora == nil ? [] : children.filter { $0.name.hasPrefix("lora_") }.map(\.module) }
 }
 
 public final class Embedding: Module {

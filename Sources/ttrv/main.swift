@@ -70,6 +70,7 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
     var chatTemplate: String?
     @Option(help: "An image for a VLM (--model is then a VLM directory or `default`).") var image: String?
+    @Option(help: "Apply an adaptation run's result first (its directory or an adapted.safetensors file).") var weights: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func validate() throws {
@@ -84,9 +85,12 @@ struct Generate: ParsableCommand {
     func run() throws {
         runtime.apply()
         let params = SamplingParams(temperature: temperature, topP: topP, topK: topK, maxTokens: maxTokens, seed: seed)
-        if let image {
-            let vlm = try VLMLoader.load(model == "default-lm" ? "default" : model, chatTemplate: chatTemplateURL)
-            let prompt = try vlm.prepare(text: self.prompt, image: Image.load(URL(fileURLWithPath: image)), system: system)
+        if image != nil || weights != nil {
+            let vlm = try ModelRegistry.load(model == "default-lm" && image != nil ? "default" : model,
+                                              chatTemplate: chatTemplateURL)
+            if let weights { eprint("weights: " + (try AdaptedWeights.apply(URL(fileURLWithPath: weights), to: vlm))) }
+            let picture = try image.map { try Image.load(URL(fileURLWithPath: $0)) }
+            let prompt = try vlm.prepare(text: self.prompt, image: picture, system: system)
             let gen = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
             for (i, c) in try gen.generate(prompt, samples: samples, params: params).enumerated() {
                 print(samples > 1 ? "--- sample \(i + 1) (\(c.tokens.count) tokens, \(c.finish.rawValue))\n\(c.text)" : c.text)
@@ -191,11 +195,11 @@ struct Calibrate: ParsableCommand {
 
     func run() throws {
         runtime.apply()
-        guard let vlm = try VLMLoader.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) }) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
+        guard let vlm = try ModelRegistry.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) }) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
         let images = try Dataset.open(data).items.prefix(limit).compactMap { try $0.image?.load() }
         guard !images.isEmpty else { throw ValidationError("\(data) has no images") }
         try vlm.measureVisionSource(images)
-        let dir = model == "default" ? VLMLoader.defaultModelDir : URL(fileURLWithPath: model)
+        let dir = model == "default" ? ModelRegistry.defaultModelDir : URL(fileURLWithPath: model)
         let url = dir.appendingPathComponent(ComposedVLM.visionSourceFile)
         try saveSafeTensors(try vlm.visionSourceStats(), metadata: ["data": data, "images": "\(images.count)"], to: url)
         print("wrote \(url.path): statistics of \(vlm.encoder.batchNorms.count) batch-norm layers on \(images.count) images of \(data)")
@@ -209,11 +213,12 @@ struct Eval: ParsableCommand {
     @Option(help: "fashion-mnist:test, fashion-mnist-c:<shift>:<1-5>, easy-vqa:test, or a .json/.jsonl file.") var data: String
     @Option var limit: Int?
     @Option(help: "Samples per item for maj@N and pass@N (0 = greedy only).") var votes: Int = 0
-    @Option(name: .customLong("batch-size")) var batchSize: Int = 16
-    @Option(name: .customLong("max-tokens")) var maxTokens: Int = 16
-    @Option(help: "strict (a valid option only) or reference (the reference's letter parser).") var answers: String = "strict"
+    @Option(name: .customLong("batch-size"), help: "Prompts per batch (default 16, or the run's with --weights).") var batchSize: Int?
+    @Option(name: .customLong("max-tokens"), help: "Default 16, or the run's with --weights.") var maxTokens: Int?
+    @Option(help: "strict (a valid option only) or reference (the reference's letter parser); default strict, or the run's.") var answers: String?
     @Option var seed: UInt64 = 0
     @Option(help: "Write the report (accuracy, items, per-item predictions) here.") var json: String?
+    @Option(help: "Apply an adaptation run's result first: its directory (weights, vision corrections and eval settings) or an adapted.safetensors file.") var weights: String?
     @Option(name: .customLong("vision-norm"), help: "First match the vision encoder's batch-norm statistics on the first N items' images (unlabelled) to its training data's.") var visionNorm: Int?
     @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
     var chatTemplate: String?
@@ -221,19 +226,28 @@ struct Eval: ParsableCommand {
 
     func run() throws {
         runtime.apply()
-        let vlm = try VLMLoader.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) })
+        let vlm = try ModelRegistry.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) })
+        var o = EvalOptions()
+        if let weights {
+            let url = URL(fileURLWithPath: weights)
+            eprint("weights: " + (try AdaptedWeights.apply(url, to: vlm)))
+            if let run = try AdaptedWeights.runOptions(url) {
+                o.maxTokens = run.maxNewTokens
+                o.batchSize = run.evalBatch
+                o.answerMode = run.answerStyle
+            }
+        }
         let ds = try Dataset.open(data, seed: seed)
         if let n = visionNorm {
             guard let composed = vlm as? ComposedVLM else { throw ValidationError("--vision-norm needs a composed VLM") }
             guard n >= 1 else { throw ValidationError("--vision-norm must be at least 1") }
             try composed.matchVisionSource(ds.items.prefix(n).compactMap { try $0.image?.load() })
         }
-        var o = EvalOptions()
         o.limit = limit
         o.votes = votes
-        o.batchSize = batchSize
-        o.maxTokens = maxTokens
-        o.answerMode = try parseStyle(answers)
+        if let batchSize { o.batchSize = batchSize }
+        if let maxTokens { o.maxTokens = maxTokens }
+        if let answers { o.answerMode = try parseStyle(answers) }
         o.seed = seed
         let r = try Evaluator.run(vlm, dataset: ds, modelName: model, options: o)
         var line = String(format: "%@: accuracy %.4f on %d items (invalid %.3f), %.1f images/s", ds.name, r.accuracy, r.items, r.invalidShare, r.imagesPerSecond)
@@ -254,7 +268,10 @@ struct AdaptArguments: ParsableArguments {
     @Option var votes: Int = 32
     @Option(name: .customLong("train-samples")) var trainSamples: Int = 16
     @Option(help: "Learning rate (default 5e-7 in reference mode, else 2e-5).") var lr: Double?
-    @Option(name: .customLong("lora-rank"), help: "Train LoRA adapters of this rank (and the projector) instead of all weights.") var loraRank: Int?
+    @Option(name: .customLong("lora-rank"), help: "Add LoRA adapters of this rank to the language model; `lm` then trains them.") var loraRank: Int?
+    @Option(help: "Parts to train: comma-separated vision, vision-norm, projector, lm, or all (default: the family's: the reference's choice).") var train: String?
+    @Option(name: .customLong("mini-batch-prompts"), help: "Prompts per optimiser update (default: 1 in reference mode, the whole step otherwise).") var miniBatchPrompts: Int?
+    @Option(name: .customLong("checkpoint-every"), help: "Checkpoint every N steps (default: every step when small, else every 5; the last step always).") var checkpointEvery: Int?
     @Option(help: "frequency or majority.") var reward: String = "frequency"
     @Option(name: .customLong("entropy-coef")) var entropyCoef: Double = 0.75
     @Option(help: "group or batch advantage normalisation (default: group in reference mode, batch otherwise).") var advantage: String?
@@ -271,7 +288,7 @@ struct AdaptArguments: ParsableArguments {
     func options() throws -> AdaptOptions {
         var o = AdaptOptions()
         guard let m = AdaptMode(rawValue: mode) else { throw ValidationError("--mode must be reference or default") }
-        guard let r = RewardChoice(rawValue: reward) else { throw ValidationError("--reward must be frequency or majority") }
+        guard let r = RewardKind(rawValue: reward) else { throw ValidationError("--reward must be frequency or majority") }
         o.mode = m
         o.reward = r
         if let a = advantage {
@@ -288,6 +305,16 @@ struct AdaptArguments: ParsableArguments {
         o.trainSamples = trainSamples
         o.lr = lr
         o.loraRank = loraRank
+        o.train = try train.map(parseParts)
+        if let m = miniBatchPrompts {
+            guard m >= 1 else { throw ValidationError("--mini-batch-prompts must be at least 1") }
+            o.miniBatchPrompts = m
+        }
+        if let c = checkpointEvery {
+            guard c >= 1 else { throw ValidationError("--checkpoint-every must be at least 1") }
+            o.checkpointEvery = c
+        }
+        if let r = loraRank, r < 1 { throw ValidationError("--lora-rank must be at least 1") }
         o.entropyCoef = entropyCoef
         o.maxNewTokens = maxNewTokens
         o.klCoef = klCoef
@@ -298,13 +325,26 @@ struct AdaptArguments: ParsableArguments {
     }
 }
 
+func parseParts(_ s: String) throws -> [ModelPart] {
+    if s == "all" { return [.vision, .projector, .lm] }
+    return try s.split(separator: ",").map {
+        guard let p = ModelPart(rawValue: String($0)) else {
+            throw ValidationError("--train: unknown part '\($0)' (vision, vision-norm, projector, lm, all)")
+        }
+        return p
+    }
+}
+
 func runAdapt(_ a: AdaptArguments) throws -> AdaptReport {
     let options = try a.options()
-    let vlm = try VLMLoader.load(a.model, chatTemplate: a.chatTemplate.map { URL(fileURLWithPath: $0) })
+    let vlm = try ModelRegistry.load(a.model, chatTemplate: a.chatTemplate.map { URL(fileURLWithPath: $0) })
     let data = try Dataset.open(a.data, seed: a.seed)
     let evalData = try a.evalData.map { try Dataset.open($0, seed: a.seed) } ?? data
     let adapter = try Adapter(vlm: vlm, options: options, out: URL(fileURLWithPath: a.out), log: eprint)
-    eprint("adapt: \(options.mode.rawValue) mode, training \(adapter.trainableCount) parameters, lr \(options.resolvedLR), advantage \(options.resolvedAdvantage.rawValue)")
+    adapter.command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
+    eprint("adapt: \(options.mode.rawValue) mode, training \(adapter.trainedParts.map(\.rawValue).joined(separator: "+")) "
+           + "(\(adapter.trainableCount) parameters), lr \(options.resolvedLR), advantage \(options.resolvedAdvantage.rawValue), "
+           + "\(options.resolvedMiniBatch) prompt(s) per update")
     let r = try adapter.run(adaptData: data, evalData: evalData, modelName: a.model)
     print(String(format: "accuracy before %.4f → after %.4f (%+.1f points) on %d items; %d steps, %.0f s%@",
                  r.accuracyBefore, r.accuracyAfter, 100 * (r.accuracyAfter - r.accuracyBefore), r.evalItems, r.steps, r.seconds,
@@ -352,7 +392,7 @@ struct Align: ParsableCommand {
             c.loraRank = loraRank
             vlm = try ComposedVLM.create(c, seed: seed)
         }
-        if let t = chatTemplate { try VLMLoader.useTemplate(URL(fileURLWithPath: t), for: vlm) }
+        if let t = chatTemplate { try ModelRegistry.useTemplate(URL(fileURLWithPath: t), for: vlm) }
         var o = AlignOptions()
         o.steps = steps
         o.batchSize = batchSize
@@ -381,7 +421,7 @@ struct Demo: ParsableCommand {
         runtime.apply()
         // The default VLM already carries LoRA adapters; adapting them (and the projector) keeps
         // the demo within its time budget on 2 cores.
-        var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out, "--lora-rank", "8"])
+        var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out])
         a.model = "default"
         let r = try runAdapt(a)
         print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images; adapted on %d unlabelled images: %@%d RL steps)",

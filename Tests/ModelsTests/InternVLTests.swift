@@ -57,7 +57,9 @@ final class InternVLTests: XCTestCase {
                 try model.prepare(text: p["text"] as! String, image: (p["image"] as? String).map { try image($0) },
                                   system: p["system"] as? String)
             }
-            XCTAssertEqual(prepared.tokenIds, p["input_ids"] as! [Int], "\(name) prompt ids")
+            // PreparedPrompt marks image-feature positions with −1.
+            let want = (p["input_ids"] as! [Int]).map { $0 == model.imageTokenId ? -1 : $0 }
+            XCTAssertEqual(prepared.tokenIds, want, "\(name) prompt ids")
             let logits = try noGrad {
                 try model.lm.logits(model.lm.forward(embeddings: prepared.embeddings, positions: prepared.positions, cache: nil, valid: nil))
             }
@@ -124,7 +126,7 @@ final class InternVLTests: XCTestCase {
         let model = try InternVL.load(Self.dir.appendingPathComponent("tiny"))
         XCTAssertTrue(model.vision_tower.parameters.allSatisfy { !$0.requiresGrad })
         try model.unfreeze()
-        try model.freeze(matching: InternVL.frozenByDefault)
+        try model.vision_tower.freeze()
         let loss = try withGrad {
             let p = try model.prepare(text: "Describe.", image: image("wide"), system: nil)
             let h = try model.lm.forward(embeddings: p.embeddings, positions: p.positions, cache: nil, valid: nil)

@@ -26,12 +26,14 @@ final class PromptParityTests: XCTestCase {
     }
     static let fx = try! JSONDecoder().decode(Fixtures.self, from: Data(contentsOf: fixturesRoot.appendingPathComponent("prompts.json")))
 
-    func check(_ vlm: VisionLanguageModel, _ cases: [Case], images: URL, _ label: String) throws {
+    /// `imageToken`: the id transformers' prompt holds at each image-feature position, where
+    /// `PreparedPrompt.tokenIds` holds −1.
+    func check(_ vlm: VisionLanguageModel, _ cases: [Case], images: URL, imageToken: Int? = nil, _ label: String) throws {
         XCTAssertEqual(cases.count, label == "lm" ? 2 : 5)
         for c in cases {
             let image = try c.image.map { try Image.load(images.appendingPathComponent($0)) }
             let p = try noGrad { try vlm.prepare(text: c.text, image: image, system: c.system) }
-            XCTAssertEqual(p.tokenIds, c.input_ids, "\(label) \(c.name)")
+            XCTAssertEqual(p.tokenIds, c.input_ids.map { $0 == imageToken ? -1 : $0 }, "\(label) \(c.name)")
             let out = try TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: []).generate(p, params: .greedy(maxTokens: 8))
             XCTAssertEqual(out[0].tokens, c.greedy_ids, "\(label) \(c.name): greedy continuation")
         }
@@ -58,17 +60,18 @@ final class PromptParityTests: XCTestCase {
     func testQwen25VL() throws {
         let vlm = try Qwen25VL.load(fixturesRoot.appendingPathComponent("qwen25vl"))
         XCTAssertFalse(vlm.chatTemplate.isBuiltin)
-        try check(vlm, Self.fx.qwen25vl, images: fixturesRoot.appendingPathComponent("qwen25vl"), "qwen25vl")
+        try check(vlm, Self.fx.qwen25vl, images: fixturesRoot.appendingPathComponent("qwen25vl"),
+                  imageToken: vlm.config.imageTokenId, "qwen25vl")
     }
 
     func testInternVLBothLayouts() throws {
         let images = fixturesRoot.appendingPathComponent("internvl")
         let hf = try InternVL.load(images.appendingPathComponent("tiny"))
         XCTAssertTrue(hf.chatTemplate.origin.hasSuffix("chat_template.jinja"))
-        try check(hf, Self.fx.internvl, images: images, "internvl -hf")
+        try check(hf, Self.fx.internvl, images: images, imageToken: hf.imageTokenId, "internvl -hf")
         let remote = try InternVL.load(images.appendingPathComponent("remote"))
         XCTAssertTrue(remote.chatTemplate.origin.hasSuffix("tokenizer_config.json"))
-        try check(remote, Self.fx.internvl_remote, images: images, "internvl remote")
+        try check(remote, Self.fx.internvl_remote, images: images, imageToken: remote.imageTokenId, "internvl remote")
     }
 
     /// `--chat-template` replaces the checkpoint's template; one that emits no image slot is an error.

@@ -11,6 +11,8 @@ final class TextVLM: VisionLanguageModel {
     let stopIds: Set<Int>
     let module: Module
     var lm: CausalLM { model }
+    var parts: ModelParts { ModelParts(vision: [], projector: [], language: model) }
+    var defaultTrainedParts: [ModelPart] { [.lm] }
 
     init() throws {
         let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Fixtures")
@@ -68,7 +70,7 @@ final class AdaptTests: XCTestCase {
         let steps = Adapter.schedule(items: [item], options: o)
         XCTAssertEqual(steps.count, 4)
         var logs: [StepLog] = []
-        for (i, b) in steps.enumerated() { logs.append(try adapter.step(b, index: i, epoch: i, totalSteps: steps.count).0) }
+        for (i, b) in steps.enumerated() { logs.append(try adapter.step(b, index: i, epoch: i, totalSteps: steps.count)) }
         let after = try nextTokenProbs()
         let majority = try XCTUnwrap(logs[0].majorities[0])
         XCTAssertGreaterThan(mass(after, majority), mass(before, majority) + 0.2,

@@ -42,17 +42,17 @@ final class GRPOTests: XCTestCase {
         }
         // token 0 of row 0: r = e^0.2 = 1.2214 → clipped to 1.2: max(−1.832, −1.8) = −1.8
         // token 0 of row 1: r = e^−1.8 = 0.165 → max(0.331, 1.6) = 1.6, below the dual cap 6
-        let (loss, _) = try GRPO.policyLoss(logp: Tensor(logp.flatMap { $0 }, shape: [2, 2]), oldLogp: Tensor(old.flatMap { $0 }, shape: [2, 2]),
+        let loss = try GRPO.policyLoss(logp: Tensor(logp.flatMap { $0 }, shape: [2, 2]), oldLogp: Tensor(old.flatMap { $0 }, shape: [2, 2]),
                                             advantages: Tensor(adv), mask: Tensor(mask.flatMap { $0 }, shape: [2, 2]), config: PolicyLossConfig())
-        XCTAssertEqual(try loss.item(), sum / n, accuracy: 1e-12)
+        XCTAssertEqual(try loss.loss.item(), sum / n, accuracy: 1e-12)
         XCTAssertEqual(sum / n, (-1.8 + -1.5 + 1.6) / 3, accuracy: 1e-12)
     }
 
     func testDualClipCapsLargeRatiosOnNegativeAdvantage() throws {
         // r = e^3 ≈ 20: −A·r = 40 would dominate; the dual clip caps it at −A·3 = 6.
-        let (loss, _) = try GRPO.policyLoss(logp: Tensor([0.0], shape: [1, 1]), oldLogp: Tensor([-3.0], shape: [1, 1]),
+        let loss = try GRPO.policyLoss(logp: Tensor([0.0], shape: [1, 1]), oldLogp: Tensor([-3.0], shape: [1, 1]),
                                             advantages: Tensor([-2.0]), mask: Tensor([1.0], shape: [1, 1]), config: PolicyLossConfig())
-        XCTAssertEqual(try loss.item(), 6, accuracy: 1e-12)
+        XCTAssertEqual(try loss.loss.item(), 6, accuracy: 1e-12)
     }
 
     func testLowVarKLMatchesFormulaAndClamp() throws {
@@ -107,8 +107,8 @@ final class GRPOTests: XCTestCase {
         let oldShift = try old + 0.1 // ratios away from 1 (inside the clip range)
         func loss() throws -> Tensor {
             let (lp, mask) = try GRPO.sequenceLogprobs(lm: m, prompt: textPrompt(m, [4, 2, 9]), responses: responses, padId: 0)
-            let (pg, _) = try GRPO.policyLoss(logp: lp, oldLogp: oldShift, advantages: adv, mask: mask, config: PolicyLossConfig())
-            return try pg + GRPO.lowVarKL(logp: lp, refLogp: ref, mask: mask) * 0.5
+            let pg = try GRPO.policyLoss(logp: lp, oldLogp: oldShift, advantages: adv, mask: mask, config: PolicyLossConfig())
+            return try pg.loss + GRPO.lowVarKL(logp: lp, refLogp: ref, mask: mask) * 0.5
         }
         let w = m.model.layers[1].mlp.down_proj.weight
         try w.requiresGrad(true)

@@ -181,10 +181,11 @@ final class BatchNormCalibrationTests: XCTestCase {
 
 final class LoRATests: XCTestCase {
     /// y = W x + b + (alpha/r)·B A x, written out by hand in Swift.
-    func byHand(_ lora: LoRALinear, _ x: [Float], rows: Int) throws -> [Float] {
-        let w = try lora.base.weight.floats(), b = try lora.base.bias!.floats()
-        let a = try lora.loraA.floats(), bb = try lora.loraB.floats()
-        let (out, inp, r) = (lora.base.outFeatures, lora.base.inFeatures, lora.loraA.size(0))
+    func byHand(_ layer: Linear, _ x: [Float], rows: Int) throws -> [Float] {
+        let lora = try XCTUnwrap(layer.lora)
+        let w = try layer.weight.floats(), b = try layer.bias!.floats()
+        let a = try lora.a.floats(), bb = try lora.b.floats()
+        let (out, inp, r) = (layer.outFeatures, layer.inFeatures, lora.rank)
         var y: [Float] = []
         for n in 0..<rows {
             let xn = Array(x[(n * inp)..<((n + 1) * inp)])
@@ -200,25 +201,32 @@ final class LoRATests: XCTestCase {
 
     func testMergedInferenceEqualsTheAdapterAndFollowsUpdates() throws {
         let gen = Generator(seed: 3)
-        let lora = try LoRALinear(Linear(6, 5, bias: true, generator: gen), rank: 2, alpha: 4, generator: gen)
+        let layer = try Linear(6, 5, bias: true, generator: gen)
         let xs = try Tensor.randn([3, 6], generator: gen)
+        let plain = try noGrad { try layer(xs) }.floats()
+        let root = Module()
+        root.register("q_proj", layer)
+        root.register("other", try Linear(6, 5, generator: gen))
+        XCTAssertEqual(try root.addLoRA(rank: 2, alpha: 4, targets: ["q_proj"], generator: gen), 1)
+        let lora = try XCTUnwrap(layer.lora)
+        XCTAssertEqual(root.namedParameters().map(\.name).sorted(),
+                       ["other.bias", "other.weight", "q_proj.bias", "q_proj.lora_A.weight", "q_proj.lora_B.weight",
+                        "q_proj.weight"])
+        XCTAssertEqual(root.loraModules.count, 2)
         let x = try xs.floats()
-        // B starts at zero: the wrapped layer equals the base layer.
-        XCTAssertEqual(try noGrad { try lora(xs) }.floats(), try lora.base(xs).floats())
+        // B starts at zero: the adapted layer equals the base layer.
+        XCTAssertEqual(try noGrad { try layer(xs) }.floats(), plain)
         for round in 0..<3 {
             // In-place updates, as the optimiser makes them, must reach the merged weight.
-            try noGrad { try lora.loraB.copy_(Tensor.randn([5, 2], generator: gen)) }
-            let expected = try byHand(lora, x, rows: 3)
-            let merged = try noGrad { try lora(xs) }.floats()
-            let unmerged = try withGrad { try lora(xs) }.floats()
+            try noGrad { try lora.b.copy_(Tensor.randn([5, 2], generator: gen)) }
+            let expected = try byHand(layer, x, rows: 3)
+            let merged = try noGrad { try layer(xs) }.floats()
+            let unmerged = try withGrad { try layer(xs) }.floats()
             for (i, e) in expected.enumerated() {
                 XCTAssertEqual(merged[i], e, accuracy: 1e-4, "round \(round)")
                 XCTAssertEqual(unmerged[i], e, accuracy: 1e-4, "round \(round)")
             }
         }
-        lora.enabled = false
-        XCTAssertEqual(try noGrad { try lora(xs) }.floats(), try lora.base(xs).floats())
-        XCTAssertFalse(lora.base.weight.requiresGrad)
-        XCTAssertTrue(lora.loraA.requiresGrad && lora.loraB.requiresGrad)
+        XCTAssertThrowsError(try root.addLoRA(rank: 0, alpha: 1, targets: ["other"], generator: gen))
     }
 }

@@ -1,0 +1,112 @@
+import Foundation
+import XCTest
+@testable import Models
+@testable import Torch
+@testable import TTRV
+
+/// `kill -9` during a run and the same command again: the run ends as an uninterrupted one does.
+final class ResumeTests: XCTestCase {
+    let ttrv = fixtureDir.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent(".build/debug/ttrv")
+
+    func writeRows(_ dir: URL) throws -> URL {
+        let images = fixtureDir.appendingPathComponent("qwen25vl")
+        let rows = unevenItems(images: images).items.enumerated().map { i, item -> [String: String] in
+            ["prompt": item.prompt, "image_path": images.appendingPathComponent(i % 2 == 0 ? "wide.png" : "tall.png").path,
+             "answer": item.answer!, "id": item.id]
+        }
+        let url = dir.appendingPathComponent("rows.json")
+        try JSONSerialization.data(withJSONObject: rows).write(to: url)
+        return url
+    }
+
+    func adapt(_ rows: URL, out: URL) -> Process {
+        let p = Process()
+        p.executableURL = ttrv
+        p.arguments = ["adapt", "--model", fixtureDir.appendingPathComponent("qwen25vl").path, "--data", rows.path,
+                       "--mode", "reference", "--adapt-samples", "4", "--batch-prompts", "2", "--epochs", "5",
+                       "--votes", "6", "--train-samples", "4", "--max-new-tokens", "3", "--lr", "1e-3",
+                       "--eval-limit", "4", "--threads", "1", "--out", out.path]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        return p
+    }
+
+    func logLines(_ out: URL) -> Int {
+        (try? String(contentsOf: out.appendingPathComponent("adapt_log.jsonl"), encoding: .utf8))?
+            .split(separator: "\n").count ?? 0
+    }
+
+    /// Step logs without their timings (the only part a resumed run may not reproduce).
+    func untimed(_ out: URL) throws -> [StepLog] {
+        try String(contentsOf: out.appendingPathComponent("adapt_log.jsonl"), encoding: .utf8).split(separator: "\n").map {
+            var l = try JSONDecoder().decode(StepLog.self, from: Data($0.utf8))
+            (l.seconds, l.rolloutSeconds, l.oldRefSeconds, l.trainSeconds, l.optimizerSeconds) = (0, 0, 0, 0, 0)
+            return l
+        }
+    }
+
+    func testKilledRunResumesToTheSameResult() throws {
+        guard FileManager.default.fileExists(atPath: ttrv.path) else { return XCTFail("\(ttrv.path) is not built") }
+        let dir = tempDir("resume")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let rows = try writeRows(dir)
+        let whole = dir.appendingPathComponent("whole"), killed = dir.appendingPathComponent("killed")
+        let p = adapt(rows, out: whole)
+        try p.run()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0)
+        // Killed twice, at different points of the run, then finished by the same command.
+        for killAfter in [2, 6] {
+            let k = adapt(rows, out: killed)
+            try k.run()
+            let deadline = Date().addingTimeInterval(300)
+            while k.isRunning, logLines(killed) < killAfter, Date() < deadline { usleep(20_000) }
+            XCTAssertTrue(k.isRunning, "the run ended before it could be killed")
+            kill(k.processIdentifier, SIGKILL)
+            k.waitUntilExit()
+        }
+        let last = adapt(rows, out: killed)
+        try last.run()
+        last.waitUntilExit()
+        XCTAssertEqual(last.terminationStatus, 0)
+        let a = try SafeTensorsFile(url: whole.appendingPathComponent("adapted.safetensors"))
+        let b = try SafeTensorsFile(url: killed.appendingPathComponent("adapted.safetensors"))
+        XCTAssertEqual(a.names, b.names)
+        for name in a.names { XCTAssertTrue(try a.tensor(name).floats() == b.tensor(name).floats(), "\(name) differs") }
+        XCTAssertEqual(try untimed(whole), try untimed(killed))
+        let ra = try readJSON(AdaptReport.self, from: whole.appendingPathComponent("report.json"))
+        let rb = try readJSON(AdaptReport.self, from: killed.appendingPathComponent("report.json"))
+        XCTAssertEqual(ra.steps, 10)
+        XCTAssertEqual([ra.accuracyBefore, ra.accuracyAfter], [rb.accuracyBefore, rb.accuracyAfter])
+        XCTAssertEqual(try readJSON(EvalReport.self, from: whole.appendingPathComponent("eval_after.json")).predictions.map(\.response),
+                       try readJSON(EvalReport.self, from: killed.appendingPathComponent("eval_after.json")).predictions.map(\.response))
+    }
+
+    /// A collapse-guard stop restores the last good weights (here: the start, as the first step already
+    /// trips it) and the run ends there, also when the command runs again.
+    func testGuardStopRestoresTheLastGoodWeights() throws {
+        let dir = fixtureDir.appendingPathComponent("qwen25vl")
+        let data = unevenItems(images: dir)
+        var o = smallOptions(train: [.lm, .projector])
+        o.mode = .default
+        o.batchPrompts = 2
+        o.adaptSamples = 4
+        o.epochs = 2
+        let out = tempDir("guard")
+        defer { try? FileManager.default.removeItem(at: out) }
+        for attempt in 0..<2 {
+            let vlm = try ModelRegistry.load(dir.path)
+            let start = try vlm.parameters(of: [.lm, .projector]).map { try $0.tensor.floats() }
+            let adapter = try Adapter(vlm: vlm, options: o, out: out, log: { _ in })
+            var t = CollapseGuard.Thresholds()
+            (t.invalidShare, t.rise, t.invalidPatience) = (-1, -1, 1) // every step looks collapsed
+            adapter.guardThresholds = t
+            let r = try adapter.run(adaptData: data, evalData: data, modelName: "tiny")
+            XCTAssertNotNil(r.stoppedEarly, "attempt \(attempt)")
+            XCTAssertEqual(r.steps, 1, "attempt \(attempt): stopped after the first step")
+            let end = try vlm.parameters(of: [.lm, .projector]).map { try $0.tensor.floats() }
+            XCTAssertTrue(start == end, "attempt \(attempt): weights restored to the start")
+        }
+    }
+}
