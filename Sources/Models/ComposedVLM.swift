@@ -71,8 +71,11 @@ public final class Projector: Module {
 /// Vision encoder → projector → image embeddings spliced into the decoder's input at the
 /// chat template's image placeholder. Only the projector (and LoRA adapters, if any) are
 /// stored in the model directory; the pretrained parts are referenced by name.
-public final class ComposedVLM: VisionLanguageModel {
+public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     public let config: ComposedConfig
+    /// The model directory's `chat_template.jinja`, else the decoder's own template. Images are
+    /// "<image>" in the message text (LLaVA-1.5's convention), where the image embeddings go.
+    public var chatTemplate: ChatTemplate
     public let encoder: ImageEncoder
     public let language: LanguageModel
     public let projector: Projector
@@ -88,6 +91,7 @@ public final class ComposedVLM: VisionLanguageModel {
         self.config = config
         self.encoder = encoder
         self.language = language
+        chatTemplate = language.template
         projector = try Projector(inFeatures: encoder.featureDim, hidden: config.projectorHidden,
                                   outFeatures: language.model.hiddenSize, seed: seed)
         module = Module()
@@ -112,15 +116,18 @@ public final class ComposedVLM: VisionLanguageModel {
     }
 
     public func prepare(text: String, image: Image?, system: String?) throws -> PreparedPrompt {
-        let placeholder = language.template.imagePlaceholder
+        let placeholder = Self.imagePlaceholder
         var content = text
         if image != nil, !content.contains(placeholder) { content = placeholder + "\n" + content }
         var messages: [ChatMessage] = []
         if let s = system ?? config.systemPrompt { messages.append(.system(s)) }
         messages.append(.user(content))
-        let rendered = language.template.render(messages, addGenerationPrompt: true)
+        let rendered = try chatTemplate.render(messages, addGenerationPrompt: true)
         let pieces = rendered.components(separatedBy: placeholder)
         guard image != nil || pieces.count == 1 else { throw ModelError("prompt has an image placeholder but no image was given") }
+        guard image == nil || pieces.count > 1 else {
+            throw ModelError("\(chatTemplate.origin): the rendered prompt has no \(placeholder) for the image")
+        }
         guard pieces.count <= 2 else { throw ModelError("prompt has \(pieces.count - 1) image placeholders; one image per prompt is supported") }
         var parts: [Tensor] = [], ids: [Int] = []
         for (i, piece) in pieces.enumerated() {
@@ -209,6 +216,9 @@ public final class ComposedVLM: VisionLanguageModel {
         clearImageCache()
     }
 
+    /// Stands for the image in the prompt text.
+    public static let imagePlaceholder = "<image>"
+
     // MARK: files
 
     public static func load(_ dir: URL, root: URL = Paths.repoRoot) throws -> ComposedVLM {
@@ -218,6 +228,10 @@ public final class ComposedVLM: VisionLanguageModel {
             throw ModelError("\(configURL.path): not a composed VLM config (\(error))")
         }
         let vlm = try create(config, root: root)
+        if var own = try ChatTemplate.find(in: dir) {
+            own.specialTokens.merge(vlm.language.template.specialTokens) { mine, _ in mine }
+            vlm.chatTemplate = own
+        }
         let weights = dir.appendingPathComponent("model.safetensors")
         let state = try SafeTensorsFile(url: weights).tensors(as: .float32)
         let own = Dictionary(uniqueKeysWithValues: vlm.ownParameters.map { ($0.name, $0.tensor) })
@@ -245,12 +259,15 @@ public final class ComposedVLM: VisionLanguageModel {
         return try ComposedVLM(config: config, encoder: encoder, language: language, seed: seed)
     }
 
-    /// Writes config.json and model.safetensors (projector + LoRA) atomically.
+    /// Writes config.json, model.safetensors (projector + LoRA) and chat_template.jinja atomically.
     public func save(to dir: URL, metadata: [String: String] = [:]) throws {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try enc.encode(config).write(to: dir.appendingPathComponent("config.json"), options: .atomic)
+        if let source = chatTemplate.jinjaSource {
+            try Data(source.utf8).write(to: dir.appendingPathComponent("chat_template.jinja"), options: .atomic)
+        }
         try saveSafeTensors(Dictionary(uniqueKeysWithValues: ownParameters.map { ($0.name, $0.tensor) }), metadata: metadata,
                             to: dir.appendingPathComponent("model.safetensors"))
     }

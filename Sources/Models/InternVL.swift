@@ -415,7 +415,7 @@ fileprivate extension Tensor {
 
 // MARK: - the model
 
-public final class InternVL: Module, VisionLanguageModel {
+public final class InternVL: Module, VisionLanguageModel, ChatTemplated {
     public let config: InternVLConfig
     public let vision_tower: InternVisionModel
     public let multi_modal_projector: InternVLProjector
@@ -423,9 +423,11 @@ public final class InternVL: Module, VisionLanguageModel {
     public let tokenizer: Tokenizer
     public let processor: InternVLImageProcessor
     public let stopIds: Set<Int>
-    /// System turn used when `prepare` gets none. The `-hf` chat template has none; the original
-    /// InternVL chat code uses its own Chinese system message, which callers can put here.
+    /// System turn used when `prepare` gets none; nil leaves it to the chat template (the original
+    /// checkpoints' template has its own default system message, the `-hf` one has none).
     public var defaultSystemPrompt: String?
+    /// The checkpoint's template (ttrv's built-in ChatML when it has none).
+    public var chatTemplate: ChatTemplate = .chatML
     public let imageTokenId: Int, imageStartId: Int, imageEndId: Int
 
     public var lm: CausalLM { language_model }
@@ -480,6 +482,7 @@ public final class InternVL: Module, VisionLanguageModel {
             throw ModelError("\(pre.path): tile size \(processor.tileSize) differs from the vision tower's \(config.vision.imageSize)")
         }
         let model = try InternVL(config, tokenizer: tokenizer, processor: processor)
+        model.chatTemplate = try ChatTemplate.find(in: dir) ?? .fallback(.chatML, for: dir.path)
         var report = try model.load(state, strict: false)
         report.unexpected = report.unexpected.filter { !$0.hasSuffix("rotary_emb.inv_freq") }
         guard report.isClean else { throw ModelError("\(dir.path): weights do not match the config: \(report)") }
@@ -526,24 +529,36 @@ public final class InternVL: Module, VisionLanguageModel {
 
     // MARK: prompts
 
-    /// Prompt ids for one user turn; `tiles` image tiles become <img>, tiles × tokensPerTile
-    /// <IMG_CONTEXT>, </img> at the "<image>" placeholder (prepended with a newline when absent, as
-    /// the `-hf` chat template renders an image before the text).
+    /// Prompt ids for one user turn with an image of `tiles` tiles (nil: none); the image becomes <img>,
+    /// tiles × tokensPerTile <IMG_CONTEXT>, </img>, as InternVL's processors write it. "<image>" in `text`
+    /// marks where the image goes (first when absent). An `-hf` checkpoint's template gets the image as
+    /// a content part and emits <IMG_CONTEXT> for it (InternVLProcessor expands that); the original
+    /// checkpoints and the built-in rules take "<image>" in the text (prepended with a newline when
+    /// absent, as the original chat() does), expanded after rendering.
     public func promptIds(text: String, tiles: Int?, system: String?) throws -> [Int] {
-        var content = text
-        if let tiles {
-            if !content.contains("<image>") { content = "<image>\n" + content }
-            guard let r = content.range(of: "<image>") else { throw ModelError("unreachable") }
-            content.replaceSubrange(r, with: "<img><IMG_CONTEXT></img>")
-            guard tiles > 0 else { throw ModelError("an image needs at least one tile") }
+        if let tiles, tiles <= 0 { throw ModelError("an image needs at least one tile") }
+        let images = tiles == nil ? 0 : 1
+        let system = (system ?? defaultSystemPrompt).map { [ChatMessage.system($0)] } ?? []
+        let slot = "<img><IMG_CONTEXT></img>"
+        var rendered: String
+        if config.remoteCode || chatTemplate.isBuiltin {
+            var content = text
+            if images > 0, !content.contains("<image>") { content = "<image>\n" + content }
+            rendered = try chatTemplate.render(system + [.user(content)], addGenerationPrompt: true)
+            guard images == 0 || rendered.components(separatedBy: "<image>").count == 2 else {
+                throw ModelError("\(chatTemplate.origin): the rendered prompt must hold one <image> for the image")
+            }
+            if images > 0 { rendered = rendered.replacingOccurrences(of: "<image>", with: slot) }
+        } else {
+            rendered = try chatTemplate.render(system + [.user(parts: text, images: images)], addGenerationPrompt: true)
+            rendered = rendered.replacingOccurrences(of: "<IMG_CONTEXT>", with: slot)
         }
-        let messages = (system ?? defaultSystemPrompt).map { [ChatMessage.system($0)] } ?? []
-        let rendered = ChatTemplate(defaultSystemPrompt: nil).render(messages + [.user(content)], addGenerationPrompt: true)
         let ids = tokenizer.encode(rendered)
-        guard let tiles else { return ids }
-        guard let at = ids.firstIndex(of: imageTokenId), ids.filter({ $0 == imageTokenId }).count == 1 else {
-            throw ModelError("the prompt text must not contain <IMG_CONTEXT> itself")
+        let slots = ids.filter { $0 == imageTokenId }.count
+        guard slots == images else {
+            throw ModelError("\(chatTemplate.origin): the prompt has \(slots) image slot(s) (<IMG_CONTEXT>) for \(images) image(s)")
         }
+        guard let tiles, let at = ids.firstIndex(of: imageTokenId) else { return ids }
         return Array(ids[..<at]) + Array(repeating: imageTokenId, count: tiles * config.tokensPerTile) + Array(ids[(at + 1)...])
     }
 

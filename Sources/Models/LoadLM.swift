@@ -5,7 +5,8 @@ import Torch
 public struct LanguageModel {
     public let model: LlamaForCausalLM
     public let tokenizer: Tokenizer
-    public let template: ChatTemplate
+    /// The checkpoint's chat template (ttrv's built-in rules when it has none).
+    public var template: ChatTemplate
     /// Token ids that end a reply (eos and ChatML's end-of-turn).
     public let stopIds: Set<Int>
     public let source: URL
@@ -32,7 +33,8 @@ public enum LMLoader {
     public static func loadHF(_ dir: URL) throws -> LanguageModel {
         let model = try loadHFModel(dir)
         let tokenizer = try Tokenizer(tokenizerJSON: dir.appendingPathComponent("tokenizer.json"))
-        let template = model.config.modelType == "qwen2" ? ChatTemplate.qwen2 : ChatTemplate.chatML
+        let template = try ChatTemplate.find(in: dir)
+            ?? .fallback(model.config.modelType == "qwen2" ? .qwen2 : .chatML, for: dir.path)
         return LanguageModel(model: model, tokenizer: tokenizer, template: template,
                              stopIds: stopIds(tokenizer, eos: model.config.eosTokenId), source: dir)
     }
@@ -114,9 +116,17 @@ public enum LMLoader {
             }
         }
         let tokenizer = try tokenizerFromGGUF(gguf)
-        let template = config.modelType == "qwen2" ? ChatTemplate.qwen2 : ChatTemplate.smolLM2
+        let template = try ggufTemplate(gguf)
+            ?? .fallback(config.modelType == "qwen2" ? .qwen2 : .smolLM2, for: url.path)
         return LanguageModel(model: model, tokenizer: tokenizer, template: template,
                              stopIds: stopIds(tokenizer, eos: config.eosTokenId), source: url)
+    }
+
+    /// The `tokenizer.chat_template` a GGUF carries, with its special tokens.
+    static func ggufTemplate(_ gguf: GGUFFile) throws -> ChatTemplate? {
+        guard let source = gguf.metadata["tokenizer.chat_template"]?.string else { return nil }
+        return try ChatTemplate(jinja: source, file: "\(gguf.url.path) (tokenizer.chat_template)",
+                                specialTokens: ChatTemplate.specialTokens(gguf: gguf))
     }
 
     /// llama.cpp stores Q/K rows with RoPE pairs interleaved; HF's rotate_half wants them split

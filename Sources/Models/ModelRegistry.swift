@@ -21,6 +21,20 @@ public enum ModelRegistry {
         enum CodingKeys: String, CodingKey { case modelType = "model_type" }
     }
 
+    /// `load(spec)`, with `chatTemplate` (a Jinja or chat_template.json file), when given, replacing the
+    /// checkpoint's own template.
+    public static func load(_ spec: String, chatTemplate: URL?) throws -> VisionLanguageModel {
+        let vlm = try load(spec)
+        if let url = chatTemplate { try useTemplate(url, for: vlm) }
+        return vlm
+    }
+
+    /// Renders `vlm`'s prompts with the template in `url` (keeping the checkpoint's special tokens).
+    public static func useTemplate(_ url: URL, for vlm: VisionLanguageModel) throws {
+        guard let m = vlm as? ChatTemplated else { throw ModelError("\(url.path): this model does not take a chat template") }
+        m.chatTemplate = try ChatTemplate.load(url, specialTokens: m.chatTemplate.specialTokens)
+    }
+
     /// `default`, `default-lm`, a GGUF file, or a model directory (its kind read from config.json).
     public static func load(_ spec: String) throws -> VisionLanguageModel {
         if spec == "default-lm" { return TextOnlyVLM(try LMLoader.load(LMLoader.defaultLMPath())) }

@@ -465,11 +465,12 @@ public struct Qwen25VLImageProcessor: Sendable {
 
 // MARK: - the VLM
 
-public final class Qwen25VL: VisionLanguageModel {
+public final class Qwen25VL: VisionLanguageModel, ChatTemplated {
     public let model: Qwen2_5_VLForConditionalGeneration
     public let tokenizer: Tokenizer
     public let processor: Qwen25VLImageProcessor
-    public let template = ChatTemplate.qwen2VL
+    /// The checkpoint's template; each <|image_pad|> it emits is expanded to the image's tokens.
+    public var chatTemplate: ChatTemplate
     public let stopIds: Set<Int>
 
     public var lm: CausalLM { model }
@@ -481,8 +482,10 @@ public final class Qwen25VL: VisionLanguageModel {
     /// The reference trains every Qwen2.5-VL weight.
     public var defaultTrainedParts: [ModelPart] { [.vision, .projector, .lm] }
 
-    public init(model: Qwen2_5_VLForConditionalGeneration, tokenizer: Tokenizer, processor: Qwen25VLImageProcessor, stopIds: Set<Int>) {
+    public init(model: Qwen2_5_VLForConditionalGeneration, tokenizer: Tokenizer, processor: Qwen25VLImageProcessor,
+                stopIds: Set<Int>, chatTemplate: ChatTemplate = .qwen2VL) {
         self.model = model
+        self.chatTemplate = chatTemplate
         self.tokenizer = tokenizer
         self.processor = processor
         self.stopIds = stopIds
@@ -515,22 +518,18 @@ public final class Qwen25VL: VisionLanguageModel {
             throw ModelError("\(dir.path): tokenizer id of \(name) is \(tokenizer.id(of: name).map(String.init) ?? "none"), config says \(id)")
         }
         return Qwen25VL(model: model, tokenizer: tokenizer, processor: processor,
-                        stopIds: LMLoader.stopIds(tokenizer, eos: config.text.eosTokenId))
+                        stopIds: LMLoader.stopIds(tokenizer, eos: config.text.eosTokenId),
+                        chatTemplate: try ChatTemplate.find(in: dir) ?? .fallback(.qwen2VL, for: dir.path))
     }
 
-    /// The chat-formatted prompt, "<image>" standing where the vision tokens go.
-    public func render(text: String, image: Bool, system: String?) -> String {
-        var content = text
-        if image {
-            let slot = template.imagePlaceholder
-            if let r = content.range(of: "<image>") { content.replaceSubrange(r, with: slot) } else { content = slot + content }
-        }
-        let messages = (system.map { [ChatMessage.system($0)] } ?? []) + [ChatMessage.user(content)]
-        return template.render(messages, addGenerationPrompt: true)
+    /// The chat-formatted prompt: "<image>" in `text` marks where the image part goes (first when absent).
+    public func render(text: String, image: Bool, system: String?) throws -> String {
+        let messages = (system.map { [ChatMessage.system($0)] } ?? []) + [ChatMessage.user(parts: text, images: image ? 1 : 0)]
+        return try chatTemplate.render(messages, addGenerationPrompt: true)
     }
 
     public func prepare(text: String, image: Image?, system: String?) throws -> PreparedPrompt {
-        let ids = tokenizer.encode(render(text: text, image: image != nil, system: system))
+        let ids = tokenizer.encode(try render(text: text, image: image != nil, system: system))
         return try prepare(ids: ids, images: image.map { [$0] } ?? [])
     }
 

@@ -3,9 +3,10 @@ import Torch
 
 /// A plain language model behind the VLM interface, for text-only prompts (and for
 /// measuring the adaptation loop on the decoder alone).
-public final class TextOnlyVLM: VisionLanguageModel {
+public final class TextOnlyVLM: VisionLanguageModel, ChatTemplated {
     public let language: LanguageModel
     public let module: Module
+    public var chatTemplate: ChatTemplate
     public var lm: CausalLM { language.model }
     public var tokenizer: Tokenizer { language.tokenizer }
     public var stopIds: Set<Int> { language.stopIds }
@@ -14,6 +15,7 @@ public final class TextOnlyVLM: VisionLanguageModel {
 
     public init(_ language: LanguageModel) {
         self.language = language
+        chatTemplate = language.template
         module = Module()
         module.register("language_model", language.model)
     }
@@ -23,7 +25,7 @@ public final class TextOnlyVLM: VisionLanguageModel {
         var messages: [ChatMessage] = []
         if let system { messages.append(.system(system)) }
         messages.append(.user(text))
-        let ids = tokenizer.encode(language.template.render(messages, addGenerationPrompt: true))
+        let ids = tokenizer.encode(try chatTemplate.render(messages, addGenerationPrompt: true))
         return PreparedPrompt(embeddings: try lm.embed(Tensor(ids.map { Int64($0) }, shape: [1, ids.count])),
                               positions: try Tensor.arange(ids.count).unsqueeze(0), nextPosition: ids.count, tokenIds: ids)
     }

@@ -75,19 +75,19 @@ public enum Bench {
 
     /// The peer's prompt: a ChatML multiple-choice question padded with description words to
     /// at most `targetTokens` tokens (same text as ../shared/bench/peer_ttrv.py).
-    public static func peerPrompt(_ lm: LanguageModel, targetTokens: Int = 130) -> [Int] {
+    public static func peerPrompt(_ lm: LanguageModel, targetTokens: Int = 130) throws -> [Int] {
         let question = "Look at the description and identify what it shows. Choose the correct answer and respond with only the option letter (A, B, C, or D)."
         let options = ["a lighthouse", "a windmill", "a water tower", "a church steeple"]
         let description = "Description: A tall white cylindrical tower stands on a rocky point at the edge of the sea. Near its top there is a glass room with a large lamp, surrounded by a narrow iron balcony. A red stripe circles the middle of the tower, and a small keeper's house with a slate roof sits at its base. Waves break against the rocks below, gulls fly around the railing, and a fishing boat passes in the distance while the evening sky turns orange behind the clouds. A narrow gravel path leads from the road down to a wooden door, and a weathered sign beside the path warns visitors about the slippery stones near the water during high tide."
         let opts = zip("ABCD", options).map { "\($0). \($1)" }.joined(separator: "\n")
         let words = description.split(separator: " ")
-        func render(_ n: Int) -> [Int] {
+        func render(_ n: Int) throws -> [Int] {
             let content = "\(question)\n\(words.prefix(n).joined(separator: " "))\nOptions:\n\(opts)"
-            return lm.tokenizer.encode(lm.template.render([.user(content)], addGenerationPrompt: true))
+            return lm.tokenizer.encode(try lm.template.render([.user(content)], addGenerationPrompt: true))
         }
-        var best = render(0)
+        var best = try render(0)
         for n in 0...words.count {
-            let ids = render(n)
+            let ids = try render(n)
             if ids.count > targetTokens { break }
             best = ids
         }
@@ -104,7 +104,7 @@ public enum Bench {
 
     public static func generation(_ lm: LanguageModel, newTokens: Int = 8, samples: Int = 32) throws -> GenerationNumbers {
         var r = GenerationNumbers()
-        let prompt = peerPrompt(lm)
+        let prompt = try peerPrompt(lm)
         r.promptTokens = prompt.count
         let model = lm.model
         let ids = try Tensor(prompt.map { Int64($0) }, shape: [1, prompt.count])
@@ -147,7 +147,7 @@ public enum Bench {
     /// 16 trained, ≤ 8 new tokens, full fp32 fine-tuning, PPO-clip + low_var_kl, AdamW).
     public static func ttrvStep(_ lm: LanguageModel, steps: Int = 5, out: URL) throws -> [String: Double] {
         let vlm = TextOnlyVLM(lm)
-        let promptIds = peerPrompt(lm)
+        let promptIds = try peerPrompt(lm)
         // The peer's prompt as a user message (its chat wrapper is added back by prepare).
         let text = lm.tokenizer.decode(promptIds)
         let userText = text.components(separatedBy: "<|im_start|>user\n").last!.components(separatedBy: "<|im_end|>").first!

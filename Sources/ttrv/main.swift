@@ -76,6 +76,8 @@ struct Generate: ParsableCommand {
     @Option(help: "Number of samples (one prefill, fanned out).") var samples: Int = 1
     @Option var seed: UInt64 = 0
     @Flag(name: .customLong("raw"), help: "Send the prompt as is, without the chat template.") var raw = false
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @Option(help: "An image for a VLM (--model is then a VLM directory or `default`).") var image: String?
     @Option(help: "Apply an adaptation run's result first (its directory or an adapted.safetensors file).") var weights: String?
     @OptionGroup var runtime: RuntimeOptions
@@ -87,11 +89,14 @@ struct Generate: ParsableCommand {
         guard temperature >= 0 else { throw ValidationError("--temperature must be >= 0") }
     }
 
+    var chatTemplateURL: URL? { chatTemplate.map { URL(fileURLWithPath: $0) } }
+
     func run() throws {
         try runtime.apply()
         let params = SamplingParams(temperature: temperature, topP: topP, topK: topK, maxTokens: maxTokens, seed: seed)
         if image != nil || weights != nil {
-            let vlm = try ModelRegistry.load(model == "default-lm" && image != nil ? "default" : model)
+            let vlm = try ModelRegistry.load(model == "default-lm" && image != nil ? "default" : model,
+                                              chatTemplate: chatTemplateURL)
             if let weights { eprint("weights: " + (try AdaptedWeights.apply(URL(fileURLWithPath: weights), to: vlm))) }
             let picture = try image.map { try Image.load(URL(fileURLWithPath: $0)) }
             let prompt = try vlm.prepare(text: self.prompt, image: picture, system: system)
@@ -101,11 +106,12 @@ struct Generate: ParsableCommand {
             }
             return
         }
-        let lm = try LMLoader.load(try resolveLM(model))
+        var lm = try LMLoader.load(try resolveLM(model))
+        if let url = chatTemplateURL { lm.template = try ChatTemplate.load(url, specialTokens: lm.template.specialTokens) }
         var messages: [ChatMessage] = []
         if let system { messages.append(.system(system)) }
         messages.append(.user(prompt))
-        let text = raw ? prompt : lm.template.render(messages, addGenerationPrompt: true)
+        let text = raw ? prompt : try lm.template.render(messages, addGenerationPrompt: true)
         let ids = lm.tokenizer.encode(text)
         let gen = TextGenerator(lm: lm.model, tokenizer: lm.tokenizer, stopIds: lm.stopIds)
         if samples == 1 {
@@ -209,11 +215,13 @@ struct Calibrate: ParsableCommand {
     @Option(help: "A composed model directory or `default`.") var model: String = "default"
     @Option(help: "Clean, in-domain images (labels unused).") var data: String = "fashion-mnist:train"
     @Option var limit: Int = 512
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
         try runtime.apply()
-        guard let vlm = try ModelRegistry.load(model) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
+        guard let vlm = try ModelRegistry.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) }) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
         let images = try Dataset.open(data).items.prefix(limit).compactMap { try $0.image?.load() }
         guard !images.isEmpty else { throw ValidationError("\(data) has no images") }
         try vlm.measureVisionSource(images)
@@ -238,11 +246,13 @@ struct Eval: ParsableCommand {
     @Option(help: "Write the report (accuracy, items, per-item predictions) here.") var json: String?
     @Option(help: "Apply an adaptation run's result first: its directory (weights, vision corrections and eval settings) or an adapted.safetensors file.") var weights: String?
     @Option(name: .customLong("vision-norm"), help: "First match the vision encoder's batch-norm statistics on the first N items' images (unlabelled) to its training data's.") var visionNorm: Int?
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
         try runtime.apply()
-        let vlm = try ModelRegistry.load(model)
+        let vlm = try ModelRegistry.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) })
         var o = EvalOptions()
         if let weights {
             let url = URL(fileURLWithPath: weights)
@@ -299,6 +309,8 @@ struct AdaptArguments: ParsableArguments {
     @Option var seed: UInt64 = 0
     @Flag(inversion: .prefixedNo, help: "First match the vision encoder's batch-norm statistics on the adaptation images to its training data's (default: on in default mode when the model has them, see `ttrv calibrate`).") var visionNorm: Bool?
     @Option(help: "Output directory (logs, checkpoints, adapted weights, report). Re-running resumes.") var out: String = "runs/adapt"
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
 
     func options() throws -> AdaptOptions {
         var o = AdaptOptions()
@@ -353,7 +365,7 @@ func parseParts(_ s: String) throws -> [ModelPart] {
 
 func runAdapt(_ a: AdaptArguments) throws -> AdaptReport {
     let options = try a.options()
-    let vlm = try ModelRegistry.load(a.model)
+    let vlm = try ModelRegistry.load(a.model, chatTemplate: a.chatTemplate.map { URL(fileURLWithPath: $0) })
     let data = try Dataset.open(a.data, seed: a.seed)
     let evalData = try a.evalData.map { try Dataset.open($0, seed: a.seed) } ?? data
     let adapter = try Adapter(vlm: vlm, options: options, out: URL(fileURLWithPath: a.out), log: eprint)
@@ -395,6 +407,8 @@ struct Align: ParsableCommand {
     @Option(name: .customLong("eval-limit")) var evalLimit: Int = 200
     @Option var seed: UInt64 = 0
     @Option(help: "Model directory to write.") var out: String = "runs/aligned"
+    @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
+    var chatTemplate: String?
     @OptionGroup var runtime: RuntimeOptions
 
     func run() throws {
@@ -406,6 +420,7 @@ struct Align: ParsableCommand {
             c.loraRank = loraRank
             vlm = try ComposedVLM.create(c, seed: seed)
         }
+        if let t = chatTemplate { try ModelRegistry.useTemplate(URL(fileURLWithPath: t), for: vlm) }
         var o = AlignOptions()
         o.steps = steps
         o.batchSize = batchSize

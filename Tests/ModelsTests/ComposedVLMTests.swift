@@ -38,7 +38,12 @@ final class ComposedVLMTests: XCTestCase {
         try noGrad { try vlm.projector.linear_2.weight.mul_(3) }
         try vlm.save(to: dir)
         XCTAssertTrue(vlm.ownParameters.contains { $0.name.contains("lora_A") })
+        // The chat template is saved with the model and found again on load.
+        vlm.chatTemplate = try ChatTemplate(jinja: "T{{ messages[0].content }}", file: "t.jinja", specialTokens: vlm.chatTemplate.specialTokens)
+        try vlm.save(to: dir)
         let back = try ComposedVLM.load(dir, root: repoRoot)
+        XCTAssertEqual(back.chatTemplate.origin, dir.appendingPathComponent("chat_template.jinja").path)
+        XCTAssertEqual(try back.chatTemplate.render([.user("<image>")], addGenerationPrompt: true), "T<image>")
         for ((n1, a), (n2, b)) in zip(vlm.ownParameters, back.ownParameters) {
             XCTAssertEqual(n1, n2)
             XCTAssertEqual(try a.floats(), try b.floats(), n1)

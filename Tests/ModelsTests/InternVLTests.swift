@@ -57,7 +57,9 @@ final class InternVLTests: XCTestCase {
                 try model.prepare(text: p["text"] as! String, image: (p["image"] as? String).map { try image($0) },
                                   system: p["system"] as? String)
             }
-            XCTAssertEqual(prepared.tokenIds, p["input_ids"] as! [Int], "\(name) prompt ids")
+            // PreparedPrompt marks image-feature positions with −1.
+            let want = (p["input_ids"] as! [Int]).map { $0 == model.imageTokenId ? -1 : $0 }
+            XCTAssertEqual(prepared.tokenIds, want, "\(name) prompt ids")
             let logits = try noGrad {
                 try model.lm.logits(model.lm.forward(embeddings: prepared.embeddings, positions: prepared.positions, cache: nil, valid: nil))
             }

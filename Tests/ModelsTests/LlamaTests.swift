@@ -210,7 +210,7 @@ final class SmolLM2Tests: XCTestCase {
 
     func testChatAnswersParisAndFanOutIsReproducible() throws {
         let m = try lm()
-        let prompt = m.tokenizer.encode(m.template.render([.user("What is the capital of France?")], addGenerationPrompt: true))
+        let prompt = m.tokenizer.encode(try m.template.render([.user("What is the capital of France?")], addGenerationPrompt: true))
         let gen = TextGenerator(lm: m.model, tokenizer: m.tokenizer, stopIds: m.stopIds)
         var streamed = ""
         let greedy = try gen.generate(prompt: prompt, params: .greedy(maxTokens: 24)) { streamed += $0 }[0]

@@ -92,7 +92,8 @@ final class Qwen25VLTests: XCTestCase {
                 let name = p["name"] as! String
                 let prompt = try prepared(p)
                 let ids = p["input_ids"] as! [Int]
-                XCTAssertEqual(prompt.tokenIds, ids, "\(name): token ids")
+                // PreparedPrompt marks image-feature positions with −1.
+                XCTAssertEqual(prompt.tokenIds, ids.map { $0 == vlm.config.imageTokenId ? -1 : $0 }, "\(name): token ids")
                 let pos = try prompt.positions.ints()
                 XCTAssertEqual(pos, (p["position_ids"] as! [[Int]]).flatMap { $0 }, "\(name): M-RoPE positions")
                 XCTAssertEqual(prompt.nextPosition, ids.count + (p["rope_delta"] as! Int), "\(name): next position")
@@ -151,7 +152,7 @@ final class Qwen25VLTests: XCTestCase {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qwen25vl-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        for f in ["tokenizer.json", "preprocessor_config.json"] {
+        for f in ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"] {
             try FileManager.default.copyItem(at: Self.dir.appendingPathComponent(f), to: dir.appendingPathComponent(f))
         }
         var config = try JSONSerialization.jsonObject(with: Data(contentsOf: Self.dir.appendingPathComponent("config_v5.json"))) as! [String: Any]
@@ -166,6 +167,7 @@ final class Qwen25VLTests: XCTestCase {
         try saveSafeTensors(state, to: dir.appendingPathComponent("model.safetensors"))
 
         let other = try Qwen25VL.load(dir)
+        XCTAssertFalse(other.chatTemplate.isBuiltin)
         XCTAssertFalse(other.config.tieWordEmbeddings)
         XCTAssertEqual(other.config.mropeSection, vlm.config.mropeSection)
         try noGrad {
