@@ -1,10 +1,18 @@
 // swift-tools-version:6.0
+import Foundation
 import PackageDescription
 
 // libtorch comes from .deps/libtorch (scripts/setup.sh). Absolute paths so that the
 // flags work whatever directory SwiftPM runs the compiler and linker from.
 let root = Context.packageDirectory
 let libtorch = "\(root)/.deps/libtorch"
+// A CUDA libtorch (LIBTORCH=... make setup) also gets the NCCL process group; it needs the CUDA and
+// NCCL headers (CUDA_HOME, NCCL_HOME). CPU-only builds never compile that path.
+let env = Context.environment
+let nccl = FileManager.default.fileExists(atPath: "\(libtorch)/lib/libtorch_cuda.so")
+    ? ["-DTTRV_WITH_NCCL", "-I\(env["CUDA_HOME"] ?? "/usr/local/cuda")/include"]
+        + (env["NCCL_HOME"].map { ["-I\($0)/include"] } ?? [])
+    : []
 
 let package = Package(
     name: "ttrv",
@@ -25,12 +33,14 @@ let package = Package(
                 .unsafeFlags([
                     "-I\(libtorch)/include", "-I\(libtorch)/include/torch/csrc/api/include",
                     "-std=c++17", "-O2", "-D_GLIBCXX_USE_CXX11_ABI=1", "-w",
-                ]),
+                    "-I\(root)/Sources/CTorch/gloo-stubs",
+                ] + nccl),
             ],
             linkerSettings: [
                 .linkedLibrary("m"),
                 .unsafeFlags([
                     "-L\(libtorch)/lib", "-ltorch_cpu", "-lc10",
+                ] + (nccl.isEmpty ? [] : ["-ltorch_cuda"]) + [
                     "-Xlinker", "-rpath", "-Xlinker", "\(libtorch)/lib",
                 ]),
             ]
