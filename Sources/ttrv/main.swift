@@ -24,17 +24,19 @@ struct TTRVCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ttrv",
         abstract: "Test-time reinforcement learning for vision-language models.",
-        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self]
+        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self,
+                      Launch.self, DistBench.self]
     )
 }
 
 /// Options every command that runs a model shares.
 struct RuntimeOptions: ParsableArguments {
-    @Option(help: "Threads for libtorch (default: all cores).")
+    @Option(help: "Threads for libtorch (default: OMP_NUM_THREADS, which `ttrv launch` sets, else all cores).")
     var threads: Int?
 
     func apply() {
-        LibTorch.threads = threads ?? ProcessInfo.processInfo.activeProcessorCount
+        let fromLauncher = ProcessInfo.processInfo.environment["OMP_NUM_THREADS"].flatMap { Int($0) }
+        LibTorch.threads = threads ?? fromLauncher ?? ProcessInfo.processInfo.activeProcessorCount
     }
 }
 
@@ -239,7 +241,9 @@ struct Eval: ParsableCommand {
         if let maxTokens { o.maxTokens = maxTokens }
         if let answers { o.answerMode = try parseStyle(answers) }
         o.seed = seed
-        let r = try Evaluator.run(vlm, dataset: ds, modelName: model, options: o)
+        let dist = try Distributed.fromEnvironment()
+        let r = try Evaluator.run(vlm, dataset: ds, modelName: model, options: o, distributed: dist)
+        guard dist.isMain else { return }
         var line = String(format: "%@: accuracy %.4f on %d items (invalid %.3f), %.1f images/s", ds.name, r.accuracy, r.items, r.invalidShare, r.imagesPerSecond)
         if let m = r.majAccuracy, let p = r.passAtN { line += String(format: ", maj@%d %.4f, pass@%d %.4f", votes, m, votes, p) }
         print(line)
@@ -412,5 +416,58 @@ struct Demo: ParsableCommand {
         print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images; adapted on %d unlabelled images: %@%d RL steps)",
                      100 * r.accuracyBefore, 100 * r.accuracyAfter, r.evalItems, r.adaptItems,
                      r.visionNorm ? "vision batch-norm matching + " : "", r.steps))
+    }
+}
+
+struct Launch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a ttrv command on N worker processes per machine (torchrun's environment; node 0 hosts the store).",
+        discussion: "ttrv launch --nproc 2 -- eval --data fashion-mnist:test --json out.json")
+    @Option(help: "Worker processes on this machine.") var nproc: Int = 1
+    @Option(help: "Machines in the job.") var nnodes: Int = 1
+    @Option(name: .customLong("node-rank"), help: "This machine's index (0 hosts the store).") var nodeRank: Int = 0
+    @Option(help: "ADDR:PORT of node 0, reachable from every machine (default: 127.0.0.1 and a free port).")
+    var master: String?
+    @Option(help: "libtorch threads per worker (default: cores / nproc).") var threads: Int?
+    @Option(help: "Seconds a rendezvous or collective may take before the job fails.") var timeout: Double = 600
+    @Argument(parsing: .postTerminator, help: "The ttrv command and its arguments, after --.") var command: [String] = []
+
+    func run() throws {
+        var o = LaunchOptions(nproc: nproc)
+        o.nnodes = nnodes
+        o.nodeRank = nodeRank
+        o.threadsPerWorker = threads
+        o.timeout = timeout
+        if let master {
+            guard let colon = master.lastIndex(of: ":"), let port = Int(master[master.index(after: colon)...]),
+                  (1..<65536).contains(port), colon != master.startIndex else {
+                throw ValidationError("--master must be ADDR:PORT, got \(master)")
+            }
+            o.masterAddress = String(master[..<colon])
+            o.masterPort = port
+        }
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        try Launcher(options: o, executable: exe, arguments: command).run()
+    }
+}
+
+struct DistBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dist-bench",
+        abstract: "Time an allreduce between the processes of a job (run it under ttrv launch); also a connectivity check.")
+    @Option(help: "Floats per allreduce.") var floats: Int = 1_000_000
+    @Option var iterations: Int = 10
+    @Option(help: "Rank 0 writes the median seconds here (JSON).") var json: String?
+    @OptionGroup var runtime: RuntimeOptions
+
+    func run() throws {
+        runtime.apply()
+        let d = try Distributed.fromEnvironment()
+        eprint("dist-bench: rank \(d.rank) of \(d.worldSize) connected")
+        let median = try Bench.allreduceMedianSeconds(d, floats: floats, iterations: iterations)
+        guard d.isMain else { return }
+        print(String(format: "allreduce of %d floats across %d processes: median %.6f s (%d iterations)",
+                     floats, d.worldSize, median, iterations))
+        if let json { try writeJSON(["allreduce_seconds": median], to: URL(fileURLWithPath: json)) }
     }
 }
