@@ -95,8 +95,8 @@ public final class Launcher {
             }
             workers.append((rank, p, drained))
         }
-        let signals = forwardSignals(to: workers.map(\.process))
-        defer { signals.forEach { $0.cancel() } }
+        let restore = forwardSignals(to: workers.map(\.process))
+        defer { restore() }
         var failure: LaunchError?
         for i in workers.indices {
             wake.wait()
@@ -151,16 +151,23 @@ public final class Launcher {
         }
     }
 
-    /// SIGINT and SIGTERM to the launcher go to every worker; the launcher then reports how they ended.
-    private func forwardSignals(to processes: [Process]) -> [DispatchSourceSignal] {
-        [SIGINT, SIGTERM].map { sig in
-            signal(sig, SIG_IGN)
+    /// SIGINT and SIGTERM to the launcher go to every worker; the launcher then reports how they
+    /// ended. Returns what puts the previous handling back.
+    private func forwardSignals(to processes: [Process]) -> () -> Void {
+        let forwarded = [SIGINT, SIGTERM].map { sig in
+            let previous = signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             source.setEventHandler {
                 for p in processes where p.isRunning { kill(p.processIdentifier, sig) }
             }
             source.resume()
-            return source
+            return (sig, previous, source)
+        }
+        return {
+            for (sig, previous, source) in forwarded {
+                source.cancel()
+                signal(sig, previous)
+            }
         }
     }
 }

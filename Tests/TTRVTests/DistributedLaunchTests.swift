@@ -88,6 +88,20 @@ final class DistributedLaunchTests: XCTestCase {
         for w in workers { XCTAssertNotEqual(Foundation.kill(w, 0), 0, "worker \(w) still alive") }
     }
 
+    func testLaunchForwardsSIGTERMToWorkers() throws {
+        let launcher = try Child(try ttrv(), ["launch", "--nproc", "2", "--threads", "1", "--", "dist-bench",
+                                              "--floats", "1000", "--iterations", "100000000"])
+        defer { launcher.kill() }
+        XCTAssertTrue(launcher.waitFor("rank 1 of 2 connected", timeout: 60), launcher.output.value)
+        XCTAssertTrue(launcher.waitFor("rank 0 of 2 connected", timeout: 60), launcher.output.value)
+        let workers = childProcesses(of: launcher.process.processIdentifier)
+        launcher.kill(SIGTERM)
+        XCTAssertTrue(launcher.wait(timeout: 30), "launcher kept running")
+        XCTAssertEqual(launcher.status, 1)
+        XCTAssertTrue(launcher.output.value.contains("was killed by signal 15"), launcher.output.value)
+        for w in workers { XCTAssertNotEqual(Foundation.kill(w, 0), 0, "worker \(w) still alive") }
+    }
+
     func testBenchHelperTimesTwoProcessAllreduce() throws {
         let s = try Bench.twoProcessAllreduceSeconds(executable: try ttrv(), floats: 10000, iterations: 3)
         XCTAssertGreaterThan(s, 0)
@@ -107,23 +121,27 @@ final class DistributedLaunchTests: XCTestCase {
     /// forms a 2-node job. Skipped where creating namespaces is not permitted.
     func testTwoHostsOverNetworkNamespaces() throws {
         let exe = try ttrv()
+        guard let ipTool = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first(where: {
+            FileManager.default.isExecutableFile(atPath: $0)
+        }) else { throw XCTSkip("no `ip` tool (iproute2) for network namespaces") }
         let tag = "\(getpid() % 100000)"
         let ns = ["ttrv\(tag)a", "ttrv\(tag)b"], veth = ["tv\(tag)a", "tv\(tag)b"], ip = ["10.213.0.1", "10.213.0.2"]
-        defer { ns.forEach { _ = try? sh(["ip", "netns", "del", $0]) } }
-        var setup: [[String]] = ns.map { ["ip", "netns", "add", $0] }
-        setup.append(["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]])
+        defer { ns.forEach { _ = try? sh([ipTool, "netns", "del", $0]) } }
+        var setup: [[String]] = ns.map { [ipTool, "netns", "add", $0] }
+        setup.append([ipTool, "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]])
         for i in 0..<2 {
-            setup.append(["ip", "link", "set", veth[i], "netns", ns[i]])
-            setup.append(["ip", "-n", ns[i], "addr", "add", "\(ip[i])/24", "dev", veth[i]])
-            setup.append(["ip", "-n", ns[i], "link", "set", veth[i], "up"])
-            setup.append(["ip", "-n", ns[i], "link", "set", "lo", "up"])
+            setup.append([ipTool, "link", "set", veth[i], "netns", ns[i]])
+            setup.append([ipTool, "-n", ns[i], "addr", "add", "\(ip[i])/24", "dev", veth[i]])
+            setup.append([ipTool, "-n", ns[i], "link", "set", veth[i], "up"])
+            setup.append([ipTool, "-n", ns[i], "link", "set", "lo", "up"])
+            setup.append([ipTool, "netns", "exec", ns[i], "/bin/true"])
         }
         for cmd in setup {
             let (status, out) = try sh(cmd)
             if status != 0 { throw XCTSkip("network namespaces not available here (\(cmd.joined(separator: " ")): \(out))") }
         }
         let nodes = try (0..<2).map { i in
-            try Child("/usr/sbin/ip", ["netns", "exec", ns[i], exe, "launch", "--nnodes", "2", "--node-rank", "\(i)",
+            try Child(ipTool, ["netns", "exec", ns[i], exe, "launch", "--nnodes", "2", "--node-rank", "\(i)",
                                        "--nproc", "1", "--threads", "1", "--master", "\(ip[0]):29517", "--timeout", "30",
                                        "--", "dist-bench", "--floats", "1000", "--iterations", "3"])
         }
@@ -146,7 +164,7 @@ final class DistributedLaunchTests: XCTestCase {
     }
 
     func sh(_ args: [String]) throws -> (Int32, String) {
-        let c = try Child(args[0].hasPrefix("/") ? args[0] : "/usr/sbin/\(args[0])", Array(args.dropFirst()))
+        let c = try Child(args[0], Array(args.dropFirst()))
         _ = c.wait(timeout: 30)
         return (c.status, c.output.value)
     }
