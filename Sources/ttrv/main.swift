@@ -119,7 +119,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench", abstract: "Speed and memory benchmarks (use a release build).")
 
     @Option(help: "Where to merge the results.") var json: String = "bench-results.json"
-    @Option(help: "Which groups to run: foundation, generate, step.") var only: [String] = []
+    @Option(help: "Which groups to run: foundation, generate, step, dist.") var only: [String] = []
     @Option(help: "Threads (the reference pins 2).") var threads: Int = 2
 
     func run() throws {
@@ -160,6 +160,12 @@ struct BenchCommand: ParsableCommand {
             }
             // Our peak includes the training step, so compare with the reference's step-mode peak.
             peer.merge(Bench.peer(mode: "step", gguf: url, log: eprint)) { _, b in b }
+        }
+        if want("dist") {
+            // A gradient allreduce of a 135M-parameter model between 2 local processes (1 thread each).
+            let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+            add("allreduce_135m_floats_2proc_seconds",
+                try Bench.twoProcessAllreduceSeconds(executable: exe, floats: 135_000_000, iterations: 5), "s")
         }
         add("peak_rss_mib", Bench.peakRSSMiB(), "MiB")
         Bench.attach(&entries, peer: peer)
