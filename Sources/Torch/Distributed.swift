@@ -145,7 +145,7 @@ public final class Distributed: @unchecked Sendable {
         guard tt_local_address_towards(host, &buf, buf.count) == 0 else {
             throw DistributedError.rendezvous(String(cString: tt_last_error()))
         }
-        return String(cString: buf)
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     // MARK: collectives
@@ -164,6 +164,15 @@ public final class Distributed: @unchecked Sendable {
 
     /// Averages `tensors` in place across ranks (gradients of data-parallel training).
     public func allreduceMean(_ tensors: [Tensor]) throws { try allreduce(tensors, op: .average) }
+
+    /// Element-wise reduction of `values` (same count on every rank) across ranks: global reward
+    /// sums, counts for a collapse guard and the like. Float64, so sums of counts stay exact.
+    public func allreduce(_ values: [Double], op: ReduceOp = .sum) throws -> [Double] {
+        guard group != nil, !values.isEmpty else { return values }
+        let t = try Tensor(values)
+        try allreduce([t], op: op)
+        return try t.doubles()
+    }
 
     /// Overwrites `tensors` everywhere with rank `root`'s values (initial weights, say).
     public func broadcast(_ tensors: [Tensor], from root: Int = 0) throws {

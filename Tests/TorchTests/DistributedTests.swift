@@ -29,7 +29,7 @@ final class DistributedTests: XCTestCase {
 
     func testCollectivesGiveExactResults() throws {
         struct Out { var sum: [[Float]], mean: [Float], ints: [Int64], bcast: [Double], gathered: [Float], shape: [Int],
-                     values: [[Double]], bytes: [[UInt8]] }
+                     values: [[Double]], bytes: [[UInt8]], maxima: [Double], averages: [Double] }
         let results = try twoRanks { d -> Out in
             let r = Float(d.rank)
             // Two tensors of different shapes, reduced as one bucket.
@@ -45,9 +45,12 @@ final class DistributedTests: XCTestCase {
             let g = try d.allgather(try Tensor([r, r + 0.25]))
             let values = try d.allgather(d.rank == 0 ? [1.5, 2.5, 3.5] : [4.5])
             let bytes = try d.allgather(bytes: d.rank == 0 ? [] : [7, 8])
+            let maxima = try d.allreduce([Double(d.rank), -Double(d.rank)], op: .max)
+            let averages = try d.allreduce([0.5 + Double(d.rank)], op: .average)
             try d.barrier()
             return Out(sum: [try a.floats(), try b.floats()], mean: try m.floats(), ints: try i.toArray(Int64.self),
-                       bcast: try c.doubles(), gathered: try g.floats(), shape: g.shape, values: values, bytes: bytes)
+                       bcast: try c.doubles(), gathered: try g.floats(), shape: g.shape, values: values, bytes: bytes,
+                       maxima: maxima, averages: averages)
         }
         for (rank, result) in results.enumerated() {
             let o = try result.get()
@@ -59,6 +62,8 @@ final class DistributedTests: XCTestCase {
             XCTAssertEqual(o.shape, [2, 2], "rank \(rank)")
             XCTAssertEqual(o.values, [[1.5, 2.5, 3.5], [4.5]], "rank \(rank)")
             XCTAssertEqual(o.bytes, [[], [7, 8]], "rank \(rank)")
+            XCTAssertEqual(o.maxima, [1, 0], "rank \(rank)")
+            XCTAssertEqual(o.averages, [1], "rank \(rank)")
         }
     }
 
