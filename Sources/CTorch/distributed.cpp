@@ -10,6 +10,7 @@
 #include "ctorch.h"
 #include "shim_internal.h"
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #define USE_C10D_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -136,23 +137,25 @@ tt_store tt_store_new(const char *host, int port, int is_server, double timeout_
 int tt_store_port(tt_store s) { return s->port; }
 void tt_store_free(tt_store s) { delete s; }
 
-tt_group tt_group_gloo_new(tt_store s, int rank, int size, const char *interface, const char *address,
-                           double timeout_s) {
+tt_group tt_group_gloo_new(tt_store s, const char *prefix, int rank, int size, const char *interface,
+                           const char *address, double timeout_s) {
   DIST_TRY("gloo process group", nullptr, {
     auto o = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
     o->devices.push_back(interface ? c10d::ProcessGroupGloo::createDeviceForInterface(interface)
                                    : c10d::ProcessGroupGloo::createDeviceForHostname(address));
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(s->store, rank, size, o);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, s->store);
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, o);
     return new tt_group_s{pg, rank, size, millis(timeout_s)};
   })
 }
 
-tt_group tt_group_nccl_new(tt_store s, int rank, int size, double timeout_s) {
+tt_group tt_group_nccl_new(tt_store s, const char *prefix, int rank, int size, double timeout_s) {
 #ifdef TTRV_WITH_NCCL
   DIST_TRY("nccl process group", nullptr, {
     auto o = c10d::ProcessGroupNCCL::Options::create();
     o->timeout = millis(timeout_s);
-    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(s->store, rank, size, o);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, s->store);
+    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, o);
     return new tt_group_s{pg, rank, size, millis(timeout_s)};
   })
 #else

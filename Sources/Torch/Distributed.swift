@@ -61,11 +61,12 @@ public final class Distributed: @unchecked Sendable {
     }
 
     /// Joins a job of `worldSize` processes through the store at `masterAddress:masterPort`.
-    /// Rank 0 hosts the store unless `agentStore` (a launcher hosts it). Gloo's sockets bind to
-    /// `socketInterface` when given, else to the local address that routes to the master (the
-    /// loopback address when the master is local).
+    /// Rank 0 hosts the store unless `agentStore` (a launcher hosts it, and keeps it across restarts:
+    /// `attempt` keeps each attempt's keys apart). Gloo's sockets bind to `socketInterface` when
+    /// given, else to the local address that routes to the master (loopback for a local master).
     public init(rank: Int, worldSize: Int, localRank: Int, masterAddress: String, masterPort: Int,
-                agentStore: Bool, timeout: Double = 600, socketInterface: String? = nil, device: Device = .cpu) throws {
+                agentStore: Bool, attempt: Int = 0, timeout: Double = 600, socketInterface: String? = nil,
+                device: Device = .cpu) throws {
         guard worldSize >= 1, (0..<worldSize).contains(rank) else {
             throw DistributedError.rendezvous("rank \(rank) is not in 0..<\(worldSize)")
         }
@@ -80,13 +81,18 @@ public final class Distributed: @unchecked Sendable {
         }
         store = s
         let g: tt_group?
+        let prefix = "ttrv/attempt_\(attempt)"
         if case .cuda = device {
-            g = tt_group_nccl_new(s, Int32(rank), Int32(worldSize), timeout)
+            g = tt_group_nccl_new(s, prefix, Int32(rank), Int32(worldSize), timeout)
         } else if let socketInterface {
-            g = tt_group_gloo_new(s, Int32(rank), Int32(worldSize), socketInterface, nil, timeout)
+            g = tt_group_gloo_new(s, prefix, Int32(rank), Int32(worldSize), socketInterface, nil, timeout)
         } else {
-            let address = try Distributed.localAddress(towards: masterAddress)
-            g = tt_group_gloo_new(s, Int32(rank), Int32(worldSize), nil, address, timeout)
+            let address: String
+            do { address = try Distributed.localAddress(towards: masterAddress) } catch {
+                tt_store_free(s)
+                throw error
+            }
+            g = tt_group_gloo_new(s, prefix, Int32(rank), Int32(worldSize), nil, address, timeout)
         }
         guard let g else {
             let message = String(cString: tt_last_error())
@@ -102,7 +108,8 @@ public final class Distributed: @unchecked Sendable {
     }
 
     /// The job torchrun (or `ttrv launch`) describes in the environment: RANK, WORLD_SIZE,
-    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE, GLOO_SOCKET_IFNAME, and
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE,
+    /// TORCHELASTIC_RESTART_COUNT, GLOO_SOCKET_IFNAME, and
     /// TTRV_DIST_TIMEOUT (seconds, default 600). No WORLD_SIZE, or 1: a single process.
     public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment,
                                        device: Device = .cpu) throws -> Distributed {
@@ -134,7 +141,8 @@ public final class Distributed: @unchecked Sendable {
         }
         let agent = ["true", "1"].contains(env["TORCHELASTIC_USE_AGENT_STORE"]?.lowercased() ?? "")
         return try Distributed(rank: try int("RANK"), worldSize: world, localRank: try int("LOCAL_RANK", default: 0),
-                               masterAddress: master, masterPort: port, agentStore: agent, timeout: timeout,
+                               masterAddress: master, masterPort: port, agentStore: agent,
+                               attempt: try int("TORCHELASTIC_RESTART_COUNT", default: 0), timeout: timeout,
                                socketInterface: env["GLOO_SOCKET_IFNAME"].flatMap { $0.isEmpty ? nil : $0 },
                                device: device)
     }

@@ -6,8 +6,9 @@ import XCTest
 /// thread, joined through a store this test hosts), checked against hand-computed results.
 final class DistributedTests: XCTestCase {
     /// Runs `body(rank)` for ranks 0 and 1 on two threads at once; returns each rank's result.
-    func twoRanks<R>(timeout: Double = 30, _ body: @escaping @Sendable (Distributed) throws -> R) throws -> [Result<R, Error>] {
-        let server = try StoreServer(port: 0, timeout: timeout)
+    func twoRanks<R>(timeout: Double = 30, server: StoreServer? = nil, attempt: Int = 0,
+                     _ body: @escaping @Sendable (Distributed) throws -> R) throws -> [Result<R, Error>] {
+        let server = try server ?? StoreServer(port: 0, timeout: timeout)
         let results = Locked<[Int: Result<R, Error>]>([:])
         let done = DispatchGroup()
         for rank in 0..<2 {
@@ -15,7 +16,7 @@ final class DistributedTests: XCTestCase {
             let t = Thread {
                 let r = Result { () throws -> R in
                     let d = try Distributed(rank: rank, worldSize: 2, localRank: rank, masterAddress: "127.0.0.1",
-                                            masterPort: server.port, agentStore: true, timeout: timeout)
+                                            masterPort: server.port, agentStore: true, attempt: attempt, timeout: timeout)
                     return try body(d)
                 }
                 results.update { $0[rank] = r }
@@ -64,6 +65,21 @@ final class DistributedTests: XCTestCase {
             XCTAssertEqual(o.bytes, [[], [7, 8]], "rank \(rank)")
             XCTAssertEqual(o.maxima, [1, 0], "rank \(rank)")
             XCTAssertEqual(o.averages, [1], "rank \(rank)")
+        }
+    }
+
+    /// A restarted job meets in the store of the previous attempt (torchrun's agent store), its
+    /// keys under the new attempt's prefix. (In one process c10d already keeps two groups' keys
+    /// apart, so this checks that the prefixed rendezvous works, not that stale keys would hurt.)
+    func testRestartedAttemptOnTheSameStore() throws {
+        let server = try StoreServer(port: 0, timeout: 30)
+        for attempt in 0..<2 {
+            let results = try twoRanks(server: server, attempt: attempt) { d -> [Float] in
+                let t = try Tensor([Float(d.rank + 1 + attempt)])
+                try d.allreduce([t])
+                return try t.floats()
+            }
+            XCTAssertEqual(try results.map { try $0.get() }, [[Float(3 + 2 * attempt)], [Float(3 + 2 * attempt)]])
         }
     }
 

@@ -159,12 +159,13 @@ typedef struct tt_group_s *tt_group;
 tt_store tt_store_new(const char *host, int port, int is_server, double timeout_s);
 int tt_store_port(tt_store s);
 void tt_store_free(tt_store s);
-// A Gloo process group over the store. Its sockets bind to `interface` when non-NULL, else to
-// `address` (a local IP address or host name). Every collective fails after timeout_s.
-tt_group tt_group_gloo_new(tt_store s, int rank, int size, const char *interface, const char *address,
-                           double timeout_s);
+// A Gloo process group over the store, its keys under `prefix` (a store that outlives one attempt,
+// like torchrun's, must not hand out a previous attempt's addresses). Its sockets bind to `interface`
+// when non-NULL, else to `address` (a local IP address or host name). Every collective fails after timeout_s.
+tt_group tt_group_gloo_new(tt_store s, const char *prefix, int rank, int size, const char *interface,
+                           const char *address, double timeout_s);
 // A NCCL process group (CUDA tensors); NULL with an error when libtorch was built without CUDA.
-tt_group tt_group_nccl_new(tt_store s, int rank, int size, double timeout_s);
+tt_group tt_group_nccl_new(tt_store s, const char *prefix, int rank, int size, double timeout_s);
 void tt_group_free(tt_group g);
 enum { TT_REDUCE_SUM = 0, TT_REDUCE_AVG = 1, TT_REDUCE_MAX = 2, TT_REDUCE_MIN = 3 };
 // In place on all n tensors (same dtype and device), flattened into one buffer for one collective.
