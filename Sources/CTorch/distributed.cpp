@@ -10,6 +10,7 @@
 #include "ctorch.h"
 #include "shim_internal.h"
 
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #define USE_C10D_GLOO
@@ -104,7 +105,12 @@ static at::Tensor flatten(const tt_tensor *ts, int n) {
 }
 
 static void unflatten(const at::Tensor &buffer, const tt_tensor *ts, int n) {
-  if (n == 1 && buffer.is_same(ts[0]->t)) return;
+  if (n == 1 && buffer.is_same(ts[0]->t)) {
+    // The backend wrote the memory directly: count it as an in-place change, as copy_ would,
+    // so that caches keyed on the version (merged LoRA weights) see it.
+    torch::autograd::impl::bump_version(buffer);
+    return;
+  }
   int64_t offset = 0;
   for (int i = 0; i < n; i++) {
     at::Tensor &t = ts[i]->t;

@@ -65,26 +65,13 @@ public final class Launcher {
         let o = options
         let server = o.nodeRank == 0 ? try StoreServer(port: o.masterPort ?? 0, timeout: o.timeout) : nil
         let port = server?.port ?? o.masterPort!
-        let threads = o.threadsPerWorker ?? max(1, ProcessInfo.processInfo.activeProcessorCount / o.nproc)
         let ended = Locked<[(rank: Int, process: Process)]>([])
         let wake = DispatchSemaphore(value: 0)
-        var workers: [(rank: Int, process: Process, drained: DispatchGroup)] = []
+        var workers: [(process: Process, drained: DispatchGroup)] = []
         for local in 0..<o.nproc {
             let rank = o.nodeRank * o.nproc + local
-            var env = ProcessInfo.processInfo.environment.merging(o.environment) { $1 }
-            env.merge([
-                "RANK": "\(rank)", "LOCAL_RANK": "\(local)", "WORLD_SIZE": "\(o.nnodes * o.nproc)",
-                "LOCAL_WORLD_SIZE": "\(o.nproc)", "GROUP_RANK": "\(o.nodeRank)", "MASTER_ADDR": o.masterAddress,
-                "MASTER_PORT": "\(port)", "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "\(threads)",
-                "TTRV_DIST_TIMEOUT": "\(o.timeout)",
-            ]) { $1 }
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: executable)
-            p.arguments = arguments
-            p.environment = env
             let drained = DispatchGroup()
-            p.standardOutput = relay(rank: rank, to: FileHandle.standardOutput, drained: drained)
-            p.standardError = relay(rank: rank, to: FileHandle.standardError, drained: drained)
+            let p = process(rank: rank, local: local, port: port, drained: drained)
             p.terminationHandler = { proc in
                 ended.update { $0.append((rank, proc)) }
                 wake.signal()
@@ -93,22 +80,47 @@ public final class Launcher {
                 stop(workers.map(\.process))
                 throw LaunchError.spawn(rank: rank, "\(error)")
             }
-            workers.append((rank, p, drained))
+            workers.append((p, drained))
         }
         let restore = forwardSignals(to: workers.map(\.process))
         defer { restore() }
         var failure: LaunchError?
         for i in workers.indices {
             wake.wait()
-            let last = ended.value[i]
-            if failure == nil, last.process.terminationReason == .uncaughtSignal || last.process.terminationStatus != 0 {
-                failure = .workerFailed(rank: last.rank, status: Self.describe(last.process))
-                stop(workers.map(\.process))
-            }
+            guard failure == nil, Self.failed(ended.value[i].process) else { continue }
+            // Peers of a dead worker fail too, moments later: let them, then blame the one that was
+            // killed by a signal, if any, else the first to fail.
+            Thread.sleep(forTimeInterval: 0.2)
+            let failed = ended.value.filter { Self.failed($0.process) }
+            let culprit = failed.first { $0.process.terminationReason == .uncaughtSignal } ?? failed[0]
+            failure = .workerFailed(rank: culprit.rank, status: Self.describe(culprit.process))
+            stop(workers.map(\.process))
         }
         workers.forEach { $0.drained.wait() }
         withExtendedLifetime(server) {}
         if let failure { throw failure }
+    }
+
+    /// A worker's process, not yet started, with the torchrun environment and relayed output.
+    private func process(rank: Int, local: Int, port: Int, drained: DispatchGroup) -> Process {
+        let o = options
+        let threads = o.threadsPerWorker ?? max(1, ProcessInfo.processInfo.activeProcessorCount / o.nproc)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = arguments
+        p.environment = ProcessInfo.processInfo.environment.merging(o.environment) { $1 }.merging([
+            "RANK": "\(rank)", "LOCAL_RANK": "\(local)", "WORLD_SIZE": "\(o.nnodes * o.nproc)",
+            "LOCAL_WORLD_SIZE": "\(o.nproc)", "GROUP_RANK": "\(o.nodeRank)", "MASTER_ADDR": o.masterAddress,
+            "MASTER_PORT": "\(port)", "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "\(threads)",
+            "TTRV_DIST_TIMEOUT": "\(o.timeout)",
+        ]) { $1 }
+        p.standardOutput = relay(rank: rank, to: FileHandle.standardOutput, drained: drained)
+        p.standardError = relay(rank: rank, to: FileHandle.standardError, drained: drained)
+        return p
+    }
+
+    static func failed(_ p: Process) -> Bool {
+        p.terminationReason == .uncaughtSignal || p.terminationStatus != 0
     }
 
     static func describe(_ p: Process) -> String {

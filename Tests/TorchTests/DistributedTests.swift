@@ -42,7 +42,9 @@ final class DistributedTests: XCTestCase {
             let i = try Tensor([Int64(d.rank + 1) * 5])
             try d.allreduce([i], op: .sum)
             let c = try Tensor([Double(d.rank) + 0.5, -Double(d.rank)])
-            try d.broadcast([c], from: 1)
+            let before = c.version
+            try d.broadcast([c], from: 1) // one contiguous tensor: written in place, no copy
+            guard c.version > before else { throw TorchError("broadcast did not bump the version") }
             let g = try d.allgather(try Tensor([r, r + 0.25]))
             let values = try d.allgather(d.rank == 0 ? [1.5, 2.5, 3.5] : [4.5])
             let bytes = try d.allgather(bytes: d.rank == 0 ? [] : [7, 8])
