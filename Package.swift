@@ -6,13 +6,14 @@ import PackageDescription
 // flags work whatever directory SwiftPM runs the compiler and linker from.
 let root = Context.packageDirectory
 let libtorch = "\(root)/.deps/libtorch"
-// A CUDA libtorch (LIBTORCH=... make setup) also gets the NCCL process group; it needs the CUDA and
-// NCCL headers (CUDA_HOME, NCCL_HOME). CPU-only builds never compile that path.
+// A CUDA libtorch (LIBTORCH=... make setup) also gets the NCCL process group when the CUDA and NCCL
+// headers are found (CUDA_HOME, NCCL_HOME; default /usr/local/cuda). Otherwise that path is left out.
 let env = Context.environment
-let nccl = FileManager.default.fileExists(atPath: "\(libtorch)/lib/libtorch_cuda.so")
-    ? ["-DTTRV_WITH_NCCL", "-I\(env["CUDA_HOME"] ?? "/usr/local/cuda")/include"]
-        + (env["NCCL_HOME"].map { ["-I\($0)/include"] } ?? [])
-    : []
+let cudaInclude = "\(env["CUDA_HOME"] ?? "/usr/local/cuda")/include"
+let ncclInclude = env["NCCL_HOME"].map { "\($0)/include" } ?? cudaInclude
+let nccl = ["\(libtorch)/lib/libtorch_cuda.so", "\(cudaInclude)/cuda_runtime_api.h", "\(ncclInclude)/nccl.h"]
+    .allSatisfy { FileManager.default.fileExists(atPath: $0) }
+    ? ["-DTTRV_WITH_NCCL", "-I\(cudaInclude)", "-I\(ncclInclude)"] : []
 
 let package = Package(
     name: "ttrv",

@@ -15,7 +15,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #define USE_C10D_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#ifdef TTRV_WITH_NCCL // defined by Package.swift when libtorch has CUDA; never compiled on CPU-only machines
+#ifdef TTRV_WITH_NCCL // defined by Package.swift for a CUDA libtorch with CUDA and NCCL headers (not built here)
 #define USE_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -165,7 +165,8 @@ tt_group tt_group_nccl_new(tt_store s, const char *prefix, int rank, int size, d
     return new tt_group_s{pg, rank, size, millis(timeout_s)};
   })
 #else
-  g_error = "nccl process group: this build of libtorch has no CUDA (set LIBTORCH to a CUDA libtorch and rebuild)";
+  g_error = "nccl process group: not built (needs a CUDA libtorch, LIBTORCH=... make setup, and the CUDA and NCCL "
+            "headers, CUDA_HOME / NCCL_HOME, when building)";
   return nullptr;
 #endif
 }

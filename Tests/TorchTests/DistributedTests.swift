@@ -122,6 +122,15 @@ final class DistributedTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(start), 10)
     }
 
+    func testNCCLIsReportedMissingInACPUBuild() throws {
+        try XCTSkipIf(LibTorch.cudaAvailable, "a CUDA build: the NCCL path is compiled")
+        let server = try StoreServer(port: 0, timeout: 10)
+        XCTAssertThrowsError(try Distributed(rank: 0, worldSize: 2, localRank: 0, masterAddress: "127.0.0.1",
+                                             masterPort: server.port, agentStore: true, timeout: 5, device: .cuda(0))) { e in
+            XCTAssertTrue("\(e)".contains("nccl process group: not built"), "\(e)")
+        }
+    }
+
     func testEnvironment() throws {
         XCTAssertEqual(try Distributed.fromEnvironment([:]).worldSize, 1)
         XCTAssertEqual(try Distributed.fromEnvironment(["WORLD_SIZE": "1", "RANK": "0"]).worldSize, 1)
