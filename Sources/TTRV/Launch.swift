@@ -53,7 +53,9 @@ public final class Launcher {
         guard o.nnodes == 1 || o.masterPort != nil else {
             throw LaunchError.invalid("--nnodes > 1 needs --master ADDR:PORT (node 0's address)")
         }
-        guard o.threadsPerWorker.map({ $0 >= 1 }) ?? true else { throw LaunchError.invalid("--threads must be at least 1") }
+        guard o.threadsPerWorker.map({ $0 >= 1 }) ?? true else {
+            throw LaunchError.invalid("--threads must be at least 1")
+        }
         guard !arguments.isEmpty else { throw LaunchError.invalid("no command to run (ttrv launch ... -- eval ...)") }
         self.options = o
         self.executable = executable

@@ -30,7 +30,8 @@ public final class StoreServer: @unchecked Sendable {
 
     public init(port: Int = 0, timeout: Double) throws {
         guard let h = tt_store_new("127.0.0.1", Int32(port), 1, timeout) else {
-            throw DistributedError.rendezvous("cannot host the store on port \(port): \(String(cString: tt_last_error()))")
+            let message = String(cString: tt_last_error())
+            throw DistributedError.rendezvous("cannot host the store on port \(port): \(message)")
         }
         handle = h
         self.port = Int(tt_store_port(h))
@@ -135,7 +136,8 @@ public final class Distributed: @unchecked Sendable {
         var timeout = 600.0
         if let s = env["TTRV_DIST_TIMEOUT"] {
             guard let t = Double(s), t > 0 else {
-                throw DistributedError.environment(variable: "TTRV_DIST_TIMEOUT", problem: "is \"\(s)\", not seconds > 0")
+                throw DistributedError.environment(variable: "TTRV_DIST_TIMEOUT",
+                                                   problem: "is \"\(s)\", not seconds > 0")
             }
             timeout = t
         }
@@ -167,7 +169,8 @@ public final class Distributed: @unchecked Sendable {
     public func allreduce(_ tensors: [Tensor], op: ReduceOp = .sum) throws {
         guard let group, !tensors.isEmpty else { return }
         let handles: [tt_tensor?] = tensors.map(\.handle)
-        try withExtendedLifetime(tensors) { try check(tt_group_allreduce(group, handles, Int32(handles.count), op.rawValue)) }
+        let n = Int32(handles.count)
+        try withExtendedLifetime(tensors) { try check(tt_group_allreduce(group, handles, n, op.rawValue)) }
     }
 
     /// Averages `tensors` in place across ranks (gradients of data-parallel training).
@@ -189,7 +192,8 @@ public final class Distributed: @unchecked Sendable {
             throw DistributedError.collective("broadcast: root \(root) is not in 0..<\(worldSize)")
         }
         let handles: [tt_tensor?] = tensors.map(\.handle)
-        try withExtendedLifetime(tensors) { try check(tt_group_broadcast(group, handles, Int32(handles.count), Int32(root))) }
+        let n = Int32(handles.count)
+        try withExtendedLifetime(tensors) { try check(tt_group_broadcast(group, handles, n, Int32(root))) }
     }
 
     /// Every rank's `tensor` (same shape on every rank), stacked along a new first dimension.

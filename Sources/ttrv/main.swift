@@ -427,7 +427,7 @@ struct Demo: ParsableCommand {
 
 struct Launch: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a ttrv command on N worker processes per machine (torchrun's environment; node 0 hosts the store).",
+        abstract: "Run a ttrv command on N worker processes per machine (the torchrun way; node 0 hosts the store).",
         discussion: "ttrv launch --nproc 2 -- eval --data fashion-mnist:test --json out.json")
     @Option(help: "Worker processes on this machine.") var nproc: Int = 1
     @Option(help: "Machines in the job.") var nnodes: Int = 1
@@ -460,7 +460,7 @@ struct Launch: ParsableCommand {
 struct DistBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dist-bench",
-        abstract: "Time an allreduce between the processes of a job (run it under ttrv launch); also a connectivity check.")
+        abstract: "Time an allreduce between the processes of a job (under ttrv launch); also a connectivity check.")
     @Option(help: "Floats per allreduce.") var floats: Int = 1_000_000
     @Option var iterations: Int = 10
     @Option(help: "Rank 0 writes the median seconds here (JSON).") var json: String?
