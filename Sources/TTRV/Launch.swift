@@ -10,7 +10,7 @@ public enum LaunchError: Error, CustomStringConvertible {
         switch self {
         case .invalid(let m): return "launch: \(m)"
         case .spawn(let r, let m): return "launch: cannot start rank \(r): \(m)"
-        case .workerFailed(let r, let s): return "launch: rank \(r) \(s); the other workers were stopped"
+        case .workerFailed(let r, let s): return "launch: rank \(r) \(s); the job was stopped"
         }
     }
 }

@@ -88,6 +88,20 @@ final class DistributedLaunchTests: XCTestCase {
         for w in workers { XCTAssertNotEqual(Foundation.kill(w, 0), 0, "worker \(w) still alive") }
     }
 
+    func testWorkerGivesUpWhenNoMasterAnswers() throws {
+        let start = Date()
+        // Node 1 of 2, and node 0 never comes (port 1 refuses every connection).
+        let node1 = try Child(try ttrv(), ["launch", "--nnodes", "2", "--node-rank", "1", "--nproc", "1",
+                                           "--master", "127.0.0.1:1", "--timeout", "3", "--", "dist-bench"])
+        defer { node1.kill() }
+        XCTAssertTrue(node1.wait(timeout: 30), "node 1 kept waiting")
+        XCTAssertLessThan(Date().timeIntervalSince(start), 20)
+        XCTAssertEqual(node1.status, 1)
+        let out = node1.output.value
+        XCTAssertTrue(out.contains("[rank 1] Error: distributed rendezvous: rank 1: store: no store answered at 127.0.0.1:1 within 3 s"), out)
+        XCTAssertTrue(out.contains("launch: rank 1 exited with status 1"), out)
+    }
+
     func testLaunchForwardsSIGTERMToWorkers() throws {
         let launcher = try Child(try ttrv(), ["launch", "--nproc", "2", "--threads", "1", "--", "dist-bench",
                                               "--floats", "1000", "--iterations", "100000000"])
