@@ -1,10 +1,19 @@
 // swift-tools-version:6.0
+import Foundation
 import PackageDescription
 
 // libtorch comes from .deps/libtorch (scripts/setup.sh). Absolute paths so that the
 // flags work whatever directory SwiftPM runs the compiler and linker from.
 let root = Context.packageDirectory
 let libtorch = "\(root)/.deps/libtorch"
+// A CUDA libtorch (LIBTORCH=... make setup) also gets the NCCL process group when the CUDA and NCCL
+// headers are found (CUDA_HOME, NCCL_HOME; default /usr/local/cuda). Otherwise that path is left out.
+let env = Context.environment
+let cudaInclude = "\(env["CUDA_HOME"] ?? "/usr/local/cuda")/include"
+let ncclInclude = env["NCCL_HOME"].map { "\($0)/include" } ?? cudaInclude
+let nccl = ["\(libtorch)/lib/libtorch_cuda.so", "\(cudaInclude)/cuda_runtime_api.h", "\(ncclInclude)/nccl.h"]
+    .allSatisfy { FileManager.default.fileExists(atPath: $0) }
+    ? ["-DTTRV_WITH_NCCL", "-I\(cudaInclude)", "-I\(ncclInclude)"] : []
 
 let package = Package(
     name: "ttrv",
@@ -25,12 +34,14 @@ let package = Package(
                 .unsafeFlags([
                     "-I\(libtorch)/include", "-I\(libtorch)/include/torch/csrc/api/include",
                     "-std=c++17", "-O2", "-D_GLIBCXX_USE_CXX11_ABI=1", "-w",
-                ]),
+                    "-I\(root)/Sources/CTorch/gloo-stubs",
+                ] + nccl),
             ],
             linkerSettings: [
                 .linkedLibrary("m"),
                 .unsafeFlags([
                     "-L\(libtorch)/lib", "-ltorch_cpu", "-lc10",
+                ] + (nccl.isEmpty ? [] : ["-ltorch_cuda"]) + [
                     "-Xlinker", "-rpath", "-Xlinker", "\(libtorch)/lib",
                 ]),
             ]

@@ -1,6 +1,7 @@
 // extern "C" shim over ATen. Every entry point catches C++ exceptions (libtorch reports
 // shape errors and the like by throwing) and turns them into a thread-local message.
 #include "ctorch.h"
+#include "shim_internal.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,10 +15,9 @@
 #include <string>
 #include <vector>
 
-struct tt_tensor_s { at::Tensor t; };
 struct tt_generator_s { at::Generator g; };
 
-static thread_local std::string g_error;
+thread_local std::string g_error;
 
 #define TRY_HANDLE(...)                                              \
   try { return wrap(__VA_ARGS__); }                                         \

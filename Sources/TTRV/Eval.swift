@@ -124,15 +124,20 @@ func isCorrect(_ prediction: String?, _ item: Item) -> Bool {
 }
 
 public enum Evaluator {
+    /// With several processes (`distributed`), rank r evaluates batches r, r + worldSize, ... (the
+    /// same batches, hence the same results, as one process) and every rank returns the whole
+    /// report, predictions in dataset order.
     public static func run(_ vlm: VisionLanguageModel, dataset: Dataset, modelName: String, options: EvalOptions,
-                           progressLabel: String = "eval") throws -> EvalReport {
+                           progressLabel: String = "eval", distributed: Distributed = .single) throws -> EvalReport {
         let items = Array(dataset.items.prefix(options.limit ?? dataset.items.count))
         let gen = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
-        let progress = Progress(progressLabel, total: items.count)
+        let batches = Array(stride(from: 0, to: items.count, by: options.batchSize))
+        let mine = batches.indices.filter { $0 % distributed.worldSize == distributed.rank }.map { batches[$0] }
+        let progress = Progress(progressLabel, total: mine.reduce(0) { $0 + min(options.batchSize, items.count - $1) })
         var preds: [ItemPrediction] = []
-        var correct = 0, invalid = 0, majCorrect = 0, passN = 0
+        var correct = 0
         let t0 = Date()
-        for start in stride(from: 0, to: items.count, by: options.batchSize) {
+        for start in mine {
             let chunk = Array(items[start..<min(items.count, start + options.batchSize)])
             let images = try chunk.map { try $0.image?.load() }
             let prompts = try noGrad { try zip(chunk, images).map { try vlm.prepare(text: $0.prompt, image: $1, system: nil) } }
@@ -146,7 +151,6 @@ public enum Evaluator {
                     p.thumbnail = img.thumbnail(maxSide: options.thumbnailSide).pngData()?.base64EncodedString()
                 }
                 if p.correct { correct += 1 }
-                if extractAnswer(out.text, mode: item.answerMode) == nil { invalid += 1 }
                 if options.votes > 0 {
                     let samples = try gen.generate(prompts[k], samples: options.votes,
                                                    params: SamplingParams(temperature: 1, maxTokens: options.maxTokens, seed: options.seed &+ UInt64(start + k)))
@@ -156,14 +160,21 @@ public enum Evaluator {
                     p.votes = VoteCount.histogram(answers)
                     p.majorityCorrect = isCorrect(vote.majority, item)
                     p.passAtN = answers.contains { isCorrect($0, item) }
-                    if p.majorityCorrect! { majCorrect += 1 }
-                    if p.passAtN! { passN += 1 }
                 }
                 preds.append(p)
             }
             progress.update(preds.count, String(format: "acc %.3f", Double(correct) / Double(preds.count)))
         }
+        if distributed.worldSize > 1 {
+            let gathered = try distributed.allgather(bytes: Array(try JSONEncoder().encode(preds)))
+            let perRank = try gathered.map { try JSONDecoder().decode([ItemPrediction].self, from: Data($0)) }
+            preds = try interleaveBatches(perRank, sizes: batches.map { min(options.batchSize, items.count - $0) })
+        }
         let n = max(1, items.count)
+        let count = { (f: (ItemPrediction) -> Bool) in preds.filter(f).count }
+        correct = count(\.correct)
+        let invalid = zip(items, preds).filter { extractAnswer($1.response, mode: $0.answerMode) == nil }.count
+        let majCorrect = count { $0.majorityCorrect == true }, passN = count { $0.passAtN == true }
         let secs = Date().timeIntervalSince(t0)
         return EvalReport(dataset: dataset.name, model: modelName, items: items.count, accuracy: Double(correct) / Double(n),
                           invalidShare: Double(invalid) / Double(n),
@@ -171,6 +182,24 @@ public enum Evaluator {
                           passAtN: options.votes > 0 ? Double(passN) / Double(n) : nil, votes: options.votes,
                           seconds: secs, imagesPerSecond: Double(items.count) / max(secs, 1e-9), predictions: preds)
     }
+}
+
+/// Batch b of `sizes` came from rank b % perRank.count, in order: the items back in dataset order.
+func interleaveBatches<T>(_ perRank: [[T]], sizes: [Int]) throws -> [T] {
+    for (r, got) in perRank.enumerated() {
+        let want = sizes.indices.filter { $0 % perRank.count == r }.reduce(0) { $0 + sizes[$1] }
+        guard got.count == want else {
+            throw DistributedError.collective("eval gather: rank \(r) sent \(got.count) predictions, expected \(want)")
+        }
+    }
+    var next = [Int](repeating: 0, count: perRank.count)
+    var out: [T] = []
+    for (b, size) in sizes.enumerated() {
+        let r = b % perRank.count
+        out += perRank[r][next[r]..<(next[r] + size)]
+        next[r] += size
+    }
+    return out
 }
 
 /// JSON written atomically with sorted keys.

@@ -24,19 +24,21 @@ struct TTRVCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ttrv",
         abstract: "Test-time reinforcement learning for vision-language models.",
-        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self, Report.self]
+        subcommands: [Generate.self, Eval.self, Adapt.self, Align.self, Calibrate.self, Demo.self, BenchCommand.self, Report.self,
+                      Launch.self, DistBench.self]
     )
 }
 
 /// Options every command that runs a model shares.
 struct RuntimeOptions: ParsableArguments {
-    @Option(help: "Threads for libtorch (default: all cores).")
+    @Option(help: "Threads for libtorch (default: OMP_NUM_THREADS, which `ttrv launch` sets, else all cores).")
     var threads: Int?
     @Option(help: "Matrix products in bf16 (fp32 weights, optimiser and reductions) or fp32. Default: bf16 where the CPU multiplies bf16 natively.")
     var dtype: String?
 
     func apply() throws {
-        LibTorch.threads = threads ?? ProcessInfo.processInfo.activeProcessorCount
+        let fromLauncher = ProcessInfo.processInfo.environment["OMP_NUM_THREADS"].flatMap { Int($0) }
+        LibTorch.threads = threads ?? fromLauncher ?? ProcessInfo.processInfo.activeProcessorCount
         if let dtype {
             guard let p = Precision(rawValue: dtype) else { throw ValidationError("--dtype must be bf16 or fp32") }
             Precision.current = p
@@ -132,7 +134,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench", abstract: "Speed and memory benchmarks (use a release build).")
 
     @Option(help: "Where to merge the results.") var json: String = "bench-results.json"
-    @Option(help: "Which groups to run: foundation, generate, step, eval.") var only: [String] = []
+    @Option(help: "Which groups to run: foundation, generate, step, eval, dist.") var only: [String] = []
     @Option(help: "Threads (the reference pins 2).") var threads: Int = 2
     @Option(help: "Only this precision (default: fp32, and bf16 where the CPU has it).") var dtype: Precision?
 
@@ -190,6 +192,12 @@ struct BenchCommand: ParsableCommand {
         if let step = entries.first(where: { $0.name == "ttrv_step_seconds" }),
            let bf = entries.first(where: { $0.name == "ttrv_step_seconds_bf16" }) {
             add("ttrv_step_bf16_over_fp32", bf.value / step.value, "x")
+        }
+        if want("dist") {
+            // A gradient allreduce of a 135M-parameter model between 2 local processes (1 thread each).
+            let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+            add("allreduce_135m_floats_2proc_seconds",
+                try Bench.twoProcessAllreduceSeconds(executable: exe, floats: 135_000_000, iterations: 5), "s")
         }
         add("peak_rss_mib", Bench.peakRSSMiB(), "MiB")
         Bench.attach(&entries, peer: peer)
@@ -275,7 +283,9 @@ struct Eval: ParsableCommand {
         if let maxTokens { o.maxTokens = maxTokens }
         if let answers { o.answerMode = try parseStyle(answers) }
         o.seed = seed
-        let r = try Evaluator.run(vlm, dataset: ds, modelName: model, options: o)
+        let dist = try Distributed.fromEnvironment()
+        let r = try Evaluator.run(vlm, dataset: ds, modelName: model, options: o, distributed: dist)
+        guard dist.isMain else { return }
         var line = String(format: "%@: accuracy %.4f on %d items (invalid %.3f), %.1f images/s", ds.name, r.accuracy, r.items, r.invalidShare, r.imagesPerSecond)
         if let m = r.majAccuracy, let p = r.passAtN { line += String(format: ", maj@%d %.4f, pass@%d %.4f", votes, m, votes, p) }
         print(line)
@@ -469,5 +479,58 @@ struct Report: ParsableCommand {
 
     func run() throws {
         for url in try Reports.build(inputs: inputs, out: out) { print("wrote \(url.path)") }
+    }
+}
+
+struct Launch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a ttrv command on N worker processes per machine (the torchrun way; node 0 hosts the store).",
+        discussion: "ttrv launch --nproc 2 -- eval --data fashion-mnist:test --json out.json")
+    @Option(help: "Worker processes on this machine.") var nproc: Int = 1
+    @Option(help: "Machines in the job.") var nnodes: Int = 1
+    @Option(name: .customLong("node-rank"), help: "This machine's index (0 hosts the store).") var nodeRank: Int = 0
+    @Option(help: "ADDR:PORT of node 0, reachable from every machine (default: 127.0.0.1 and a free port).")
+    var master: String?
+    @Option(help: "libtorch threads per worker (default: cores / nproc).") var threads: Int?
+    @Option(help: "Seconds a rendezvous or collective may take before the job fails.") var timeout: Double = 600
+    @Argument(parsing: .postTerminator, help: "The ttrv command and its arguments, after --.") var command: [String] = []
+
+    func run() throws {
+        var o = LaunchOptions(nproc: nproc)
+        o.nnodes = nnodes
+        o.nodeRank = nodeRank
+        o.threadsPerWorker = threads
+        o.timeout = timeout
+        if let master {
+            guard let colon = master.lastIndex(of: ":"), let port = Int(master[master.index(after: colon)...]),
+                  (1..<65536).contains(port), colon != master.startIndex else {
+                throw ValidationError("--master must be ADDR:PORT, got \(master)")
+            }
+            o.masterAddress = String(master[..<colon])
+            o.masterPort = port
+        }
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        try Launcher(options: o, executable: exe, arguments: command).run()
+    }
+}
+
+struct DistBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dist-bench",
+        abstract: "Time an allreduce between the processes of a job (under ttrv launch); also a connectivity check.")
+    @Option(help: "Floats per allreduce.") var floats: Int = 1_000_000
+    @Option var iterations: Int = 10
+    @Option(help: "Rank 0 writes the median seconds here (JSON).") var json: String?
+    @OptionGroup var runtime: RuntimeOptions
+
+    func run() throws {
+        try runtime.apply()
+        let d = try Distributed.fromEnvironment()
+        eprint("dist-bench: rank \(d.rank) of \(d.worldSize) connected")
+        let median = try Bench.allreduceMedianSeconds(d, floats: floats, iterations: iterations)
+        guard d.isMain else { return }
+        print(String(format: "allreduce of %d floats across %d processes: median %.6f s (%d iterations)",
+                     floats, d.worldSize, median, iterations))
+        if let json { try writeJSON(["allreduce_seconds": median], to: URL(fileURLWithPath: json)) }
     }
 }

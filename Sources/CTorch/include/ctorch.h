@@ -151,6 +151,32 @@ int tt_adamw_step(const tt_tensor *params, const tt_tensor *grads, const tt_tens
 // exceeds max_norm and is finite (max_norm <= 0: never scale).
 int tt_clip_grad_norm(const tt_tensor *grads, int n, double max_norm, double *total_norm);
 
+// distributed (c10d; implemented in distributed.cpp). Timeouts are in seconds; every wait has one.
+typedef struct tt_store_s *tt_store;
+typedef struct tt_group_s *tt_group;
+// A TCPStore. is_server: host it on `port` (0: any free port) on all interfaces; else connect to
+// host:port, failing after timeout_s (c10d's client alone keeps retrying for a master that never comes).
+tt_store tt_store_new(const char *host, int port, int is_server, double timeout_s);
+int tt_store_port(tt_store s);
+void tt_store_free(tt_store s);
+// A Gloo process group over the store, its keys under `prefix` (a store that outlives one attempt,
+// like torchrun's, must not hand out a previous attempt's addresses). Its sockets bind to `interface`
+// when non-NULL, else to `address` (a local IP address or host name). Every collective fails after timeout_s.
+tt_group tt_group_gloo_new(tt_store s, const char *prefix, int rank, int size, const char *interface,
+                           const char *address, double timeout_s);
+// A NCCL process group (CUDA tensors); NULL with an error when libtorch was built without CUDA.
+tt_group tt_group_nccl_new(tt_store s, const char *prefix, int rank, int size, double timeout_s);
+void tt_group_free(tt_group g);
+enum { TT_REDUCE_SUM = 0, TT_REDUCE_AVG = 1, TT_REDUCE_MAX = 2, TT_REDUCE_MIN = 3 };
+// In place on all n tensors (same dtype and device), flattened into one buffer for one collective.
+int tt_group_allreduce(tt_group g, const tt_tensor *ts, int n, int op);
+int tt_group_broadcast(tt_group g, const tt_tensor *ts, int n, int root);
+// Every rank's `t` (same shape on all ranks) stacked along a new first dimension.
+tt_tensor tt_group_allgather(tt_group g, tt_tensor t);
+int tt_group_barrier(tt_group g);
+// The local IP address that packets to `host` leave from (no packet is sent), written to out.
+int tt_local_address_towards(const char *host, char *out, size_t cap);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,2 @@
+// Stub: ProcessGroupGloo.hpp includes this but uses nothing from it (see README.md).
+#pragma once
