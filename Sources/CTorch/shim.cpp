@@ -381,6 +381,7 @@ tt_tensor tt_grad(tt_tensor t) {
   } catch (const std::exception &e) { g_error = e.what(); return nullptr; }
 }
 int tt_zero_grad(tt_tensor t) { TRY_STATUS(t->t.mutable_grad() = at::Tensor()) }
+int tt_set_grad(tt_tensor t, tt_tensor g) { TRY_STATUS(t->t.mutable_grad() = T(g)) }
 tt_tensor tt_detach(tt_tensor t) { TRY_HANDLE(T(t).detach()) }
 int tt_is_leaf(tt_tensor t) { return T(t).is_leaf() ? 1 : 0; }
 

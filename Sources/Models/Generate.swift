@@ -76,9 +76,16 @@ public struct TextGenerator {
     /// as one batch; positions travel with each prompt (M-RoPE prompts keep their 3-D positions).
     /// With 1-D positions the token prefix all prompts share (e.g. the system prompt) is computed
     /// once and its cache rows repeated. `onText` streams the first sample's text.
+    ///
+    /// `seeds` (one per prompt) gives each prompt its own random stream, drawn only for its unfinished
+    /// samples, so a prompt's samples do not depend on which other prompts share the batch (data-parallel
+    /// adaptation splits a step's prompts over processes). Without it, `params.seed` drives one stream.
     public func generateBatch(_ prompts: [PreparedPrompt], samples: Int = 1, params: SamplingParams,
-                              onText: ((String) -> Void)? = nil) throws -> [Completion] {
+                              seeds: [UInt64]? = nil, onText: ((String) -> Void)? = nil) throws -> [Completion] {
         guard !prompts.isEmpty else { return [] }
+        if let seeds, seeds.count != prompts.count {
+            throw ModelError("generateBatch: \(seeds.count) seeds for \(prompts.count) prompts")
+        }
         return try noGrad {
             let mrope = prompts.contains { $0.positions.rank == 3 }
             let shared = mrope || prompts.count < 2 ? 0 : sharedPrefix(prompts)
@@ -114,7 +121,10 @@ public struct TextGenerator {
                 logits = try logits.indexSelect(dim: 0, index: Tensor(source.map { Int64($0) }))
                 next = source.map { next[$0] }
             }
-            return try decode(cache: cache, firstLogits: logits, nextPositions: next, params: params, onText: onText)
+            let streams = RandomStreams(seeds: seeds ?? [params.seed],
+                                        promptOfRow: (0..<b).flatMap { Array(repeating: seeds == nil ? 0 : $0, count: samples) })
+            return try decode(cache: cache, firstLogits: logits, nextPositions: next, params: params, random: streams,
+                              onText: onText)
         }
     }
 
@@ -131,9 +141,8 @@ public struct TextGenerator {
     /// The decode loop shared by fan-out and batched generation. Finished rows are dropped from
     /// the batch once they are half of it, so one long reply does not keep 31 finished ones busy.
     func decode(cache: KVCache, firstLogits: Tensor, nextPositions: [Int], params: SamplingParams,
-                onText: ((String) -> Void)?) throws -> [Completion] {
+                random: RandomStreams, onText: ((String) -> Void)?) throws -> [Completion] {
         let b = nextPositions.count
-        let rng = Generator(seed: params.seed)
         var out = [Completion](repeating: Completion(), count: b)
         var done = [Bool](repeating: false, count: b)
         var streams = (0..<b).map { _ in StreamingDecoder(tokenizer: tokenizer, skipSpecial: true) }
@@ -141,7 +150,7 @@ public struct TextGenerator {
         var positions = nextPositions
         var live = Array(0..<b) // the output row of each batch row
         for step in 0..<params.maxTokens {
-            let (ids, lps) = try Sampler.sample(logits, params: params, generator: rng)
+            let (ids, lps) = try random.sample(logits, rows: live, done: done, params: params)
             for (k, r) in live.enumerated() where !done[r] {
                 out[r].tokens.append(ids[k])
                 out[r].logprobs.append(lps[k])
@@ -184,6 +193,34 @@ public struct TextGenerator {
 
     private func firstStop(in text: String, _ stops: [String]) -> String.Index? {
         stops.compactMap { text.range(of: $0)?.lowerBound }.min()
+    }
+}
+
+/// The random streams of a decode: one shared by every row, or one per prompt.
+struct RandomStreams {
+    let generators: [Generator]
+    /// The stream of each output row.
+    let streamOfRow: [Int]
+
+    init(seeds: [UInt64], promptOfRow: [Int]) {
+        generators = seeds.map { Generator(seed: $0) }
+        streamOfRow = promptOfRow
+    }
+
+    /// Tokens for the batch rows (`rows[k]` is the output row of batch row k). With one stream every row
+    /// draws; with one per prompt only unfinished rows draw, each from its prompt's stream, and finished
+    /// rows get token 0 (they are ignored).
+    func sample(_ logits: Tensor, rows: [Int], done: [Bool], params: SamplingParams) throws -> ([Int], [Float]) {
+        guard generators.count > 1 else { return try Sampler.sample(logits, params: params, generator: generators[0]) }
+        var ids = [Int](repeating: 0, count: rows.count), lps = [Float](repeating: 0, count: rows.count)
+        for (s, gen) in generators.enumerated() {
+            let mine = rows.indices.filter { streamOfRow[rows[$0]] == s && !done[rows[$0]] }
+            guard !mine.isEmpty else { continue }
+            let sub = try logits.indexSelect(dim: 0, index: Tensor(mine.map { Int64($0) }))
+            let (i, l) = try Sampler.sample(sub, params: params, generator: gen)
+            for (k, row) in mine.enumerated() { (ids[row], lps[row]) = (i[k], l[k]) }
+        }
+        return (ids, lps)
     }
 }
 

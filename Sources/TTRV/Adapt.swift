@@ -171,12 +171,16 @@ public final class Adapter {
     public var command: String?
     /// When the collapse guard stops a run (default mode).
     public var guardThresholds = CollapseGuard.Thresholds()
+    /// The processes of a data-parallel run (`ttrv launch`); rank 0 alone writes files.
+    public let distributed: Distributed
 
-    public init(vlm: VisionLanguageModel, options: AdaptOptions, out: URL, log: @escaping (String) -> Void) throws {
+    public init(vlm: VisionLanguageModel, options: AdaptOptions, out: URL, distributed: Distributed = .single,
+                log: @escaping (String) -> Void) throws {
         self.vlm = vlm
         self.options = options
         self.out = out
-        self.log = log
+        self.distributed = distributed
+        self.log = distributed.isMain ? log : { _ in }
         if let r = options.loraRank { try vlm.addLoRA(rank: r, seed: options.seed) }
         trainedParts = options.train ?? vlm.defaultTrainedParts
         try vlm.module.freeze()
@@ -188,6 +192,10 @@ public final class Adapter {
         optimizer = try AdamW(trainable.map(\.tensor), lr: options.resolvedLR, betas: (0.9, 0.999),
                               weightDecay: options.weightDecay)
         generator = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
+        guard options.batchPrompts % distributed.worldSize == 0 else {
+            throw AdaptError.badOptions("--batch-prompts \(options.batchPrompts) does not split over \(distributed.worldSize) processes")
+        }
+        try distributed.broadcast(trainable.map(\.tensor), from: 0)
     }
 
     public var trainableCount: Int { trainable.reduce(0) { $0 + $1.tensor.count } }
@@ -204,8 +212,10 @@ public final class Adapter {
         return steps
     }
 
-    /// Evaluate before, match vision statistics (optional), adapt with resume, evaluate after.
+    /// Evaluate before, match vision statistics (optional), adapt with resume, evaluate after. With several
+    /// processes every one runs this; rank 0 resumes, keeps the guard, and writes every file.
     public func run(adaptData: Dataset, evalData: Dataset, modelName: String) throws -> AdaptReport {
+        let main = distributed.isMain
         let composed = try visionNormTarget()
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         let evalOptions = self.evalOptions
@@ -216,51 +226,83 @@ public final class Adapter {
         }
         if let composed { try matchVision(composed, adaptData) }
         reference = try copies(trainable.map(\.tensor))
-        var run = try resume(fingerprint: fingerprint(adaptData, modelName))
-            ?? RunState(completedSteps: 0, stoppedEarly: nil, seconds: 0, fingerprint: fingerprint(adaptData, modelName))
-        var logs = try readLog().filter { $0.step < run.completedSteps }
-        if run.completedSteps > 0 { log("resuming after step \(run.completedSteps) of \(steps.count)") }
+        let fingerprint = try fingerprint(adaptData, modelName)
+        let resumed: RunState? = main ? try resume(fingerprint: fingerprint) : nil
+        var lastGood: [Tensor]? = nil
+        if let resumed { lastGood = try restoredLastGood(resumed) }
+        var run = try synchronised(resumed ?? RunState(completedSteps: 0, stoppedEarly: nil, seconds: 0,
+                                                        fingerprint: fingerprint))
+        var logs = try stepLogs(before: run.completedSteps)
         // The guard's whole state follows from the steps it has seen: replay them.
         var guardian = CollapseGuard(thresholds: guardThresholds)
-        var lastGood: [Tensor]? = try restoredLastGood(run)
         for l in logs where options.mode == .default { guardian.observe(l.guardStats) }
-        let progress = Progress("adapt", total: steps.count)
+        if run.completedSteps > 0 { log("resuming after step \(run.completedSteps) of \(steps.count)") }
+        let progress = Progress("adapt", total: main ? steps.count : 0)
         let perEpoch = max(1, steps.count / options.epochs)
         while run.completedSteps < steps.count, run.stoppedEarly == nil {
             let i = run.completedSteps
             let entry = try step(steps[i], index: i, epoch: i / perEpoch, totalSteps: steps.count)
             logs.append(entry)
-            try writeLog(logs)
+            if main { try writeLog(logs) }
             run.completedSteps += 1
             run.seconds += entry.seconds
+            // Every process sees the same step log, so the guard decides alike everywhere.
             if options.mode == .default, guardian.observe(entry.guardStats) {
                 run.stoppedEarly = "\(guardian.stopReason!)"
                 log("collapse guard: \(run.stoppedEarly!); restoring the weights of step "
                     + (guardian.lastGoodStep.map(String.init) ?? "0 (start)"))
                 try restore(lastGood ?? reference!)
+                // Only rank 0 keeps the last good weights of a resumed run: everyone takes its copy.
+                try distributed.broadcast(trainable.map(\.tensor), from: 0)
             } else if options.mode == .default, guardian.lastGoodStep == i {
                 lastGood = try copies(trainable.map(\.tensor), into: lastGood)
             }
-            if shouldCheckpoint(after: run, of: steps.count) {
+            if main, shouldCheckpoint(after: run, of: steps.count) {
                 // A step with a warning sign is not one to fall back to: keep the last good weights too.
                 let warned = options.mode == .default && run.stoppedEarly == nil && guardian.lastGoodStep != i
                 try saveCheckpoint(run, lastGood: warned ? lastGood : nil)
             }
-            progress.update(run.completedSteps, entry.progressLine, force: true)
+            if main { progress.update(run.completedSteps, entry.progressLine, force: true) }
         }
-        try saveAdapted(steps: run.completedSteps)
+        if main { try saveAdapted(steps: run.completedSteps) }
         let after = try Evaluator.run(vlm, dataset: evalData, modelName: modelName + " (adapted)", options: evalOptions,
-                                      progressLabel: "eval after")
-        try writeJSON(after, to: out.appendingPathComponent("eval_after.json"))
+                                      progressLabel: "eval after", distributed: distributed)
         let report = AdaptReport(
             accuracyBefore: before.accuracy, accuracyAfter: after.accuracy, evalItems: after.items,
             adaptItems: options.oneExample ? 1 : min(options.adaptSamples, adaptData.items.count),
             steps: run.completedSteps, seconds: run.seconds, dataset: adaptData.name, evalDataset: evalData.name,
             model: modelName, mode: options.mode, stoppedEarly: run.stoppedEarly, visionNorm: composed != nil,
             trainedParts: trainedParts, trainableParameters: trainableCount, command: command, options: options, log: logs)
-        try writeJSON(report, to: out.appendingPathComponent("report.json"))
-        try HTMLReport.write(report, before: before, after: after, to: out.appendingPathComponent("report.html"))
+        if main {
+            try writeJSON(after, to: out.appendingPathComponent("eval_after.json"))
+            try writeJSON(report, to: out.appendingPathComponent("report.json"))
+            try HTMLReport.write(report, before: before, after: after, to: out.appendingPathComponent("report.html"))
+        }
         return report
+    }
+
+    /// The logged steps before `count` (rank 0's file, sent to every process).
+    func stepLogs(before count: Int) throws -> [StepLog] {
+        let mine = try distributed.isMain ? readLog().filter { $0.step < count } : []
+        guard distributed.worldSize > 1 else { return mine }
+        let all = try distributed.allgather(bytes: Array(try JSONEncoder().encode(mine)))
+        return try JSONDecoder().decode([StepLog].self, from: Data(all[0]))
+    }
+
+    /// Rank 0's run state, weights and optimiser state on every process (a resumed run may exist on rank 0's
+    /// disk alone). The guard's history stays with rank 0's logs; other ranks rebuild theirs from the steps
+    /// they run, which is enough because a resumed run past a guard stop does not step again.
+    func synchronised(_ run: RunState) throws -> RunState {
+        guard distributed.worldSize > 1 else { return run }
+        let flags = try Tensor([Double(run.completedSteps), run.stoppedEarly == nil ? 0 : 1, run.seconds])
+        try distributed.broadcast([flags], from: 0)
+        try distributed.broadcast(trainable.map(\.tensor) + optimizer.state().sorted { $0.key < $1.key }.map(\.value), from: 0)
+        let v = try flags.doubles()
+        var synced = run
+        synced.completedSteps = Int(v[0])
+        synced.stoppedEarly = v[1] == 0 ? nil : run.stoppedEarly ?? "stopped (see rank 0's log)"
+        synced.seconds = v[2]
+        return synced
     }
 
     /// Evaluation settings shared by the before/after evaluations (and `eval --weights` on a run).
@@ -292,8 +334,9 @@ public final class Adapter {
                 return r
             }
         }
-        let r = try Evaluator.run(vlm, dataset: data, modelName: modelName, options: o, progressLabel: "eval before")
-        try writeJSON(r, to: url)
+        let r = try Evaluator.run(vlm, dataset: data, modelName: modelName, options: o, progressLabel: "eval before",
+                                  distributed: distributed)
+        if distributed.isMain { try writeJSON(r, to: url) }
         return r
     }
 
@@ -302,6 +345,7 @@ public final class Adapter {
     func matchVision(_ composed: ComposedVLM, _ data: Dataset) throws {
         let items = Array(data.items.prefix(options.oneExample ? 1 : options.adaptSamples))
         let corrections = try composed.matchVisionSource(items.compactMap { try $0.image?.load() })
+        guard distributed.isMain else { return }
         try saveSafeTensors(corrections, metadata: ["ttrv": "vision batch-norm input corrections"],
                             to: out.appendingPathComponent(AdaptedWeights.visionCorrectionFile))
         log("vision norm: matched \(corrections.count / 2) batch-norm layers to the source statistics on "

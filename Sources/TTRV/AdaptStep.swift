@@ -8,6 +8,8 @@ extension Adapter {
     /// One prompt's rollout: its samples, their answers and votes.
     struct Rollout {
         var item: Item
+        /// Index of the prompt in its step's batch (across all processes).
+        var position: Int
         var prompt: PreparedPrompt
         /// All `votes` samples; the first `trainSamples` are trained on.
         var samples: [Completion]
@@ -32,13 +34,15 @@ extension Adapter {
         var trainSeconds = 0.0, optimizerSeconds = 0.0
     }
 
-    /// One RL step on a batch of prompts; returns its log line.
+    /// One RL step on a batch of prompts; returns its log line. With several processes each takes every
+    /// worldSize-th prompt of the batch; advantages, gradients and metrics are combined across them.
     func step(_ batch: [Item], index: Int, epoch: Int, totalSteps: Int) throws -> StepLog {
         if reference == nil { reference = try copies(trainable.map(\.tensor)) }
         let t0 = Date()
-        let rollouts = try collectRollouts(batch, step: index)
+        let positions = batch.indices.filter { $0 % distributed.worldSize == distributed.rank }
+        let rollouts = try collectRollouts(positions.map { batch[$0] }, positions: positions, step: index)
         let tRollout = Date().timeIntervalSince(t0)
-        let advantages = advantagesOf(rollouts)
+        let advantages = try advantagesOf(rollouts, batchSize: batch.count)
         // Groups whose advantages are all zero only carry the KL term; default mode skips them.
         let active = rollouts.indices.filter { options.mode == .reference || advantages[$0].contains { $0 != 0 } }
         let t1 = Date()
@@ -46,8 +50,8 @@ extension Adapter {
         let tOldRef = Date().timeIntervalSince(t1)
         optimizer.lr = options.resolvedLR * schedule(totalSteps).factor(at: index)
         let stats = try update(rollouts, advantages, targets, active)
-        return metrics(rollouts, stats, step: index, epoch: epoch, seconds: Date().timeIntervalSince(t0),
-                       rollout: tRollout, oldRef: tOldRef)
+        return try metrics(rollouts, stats, step: index, epoch: epoch, seconds: Date().timeIntervalSince(t0),
+                           rollout: tRollout, oldRef: tOldRef)
     }
 
     func schedule(_ totalSteps: Int) -> LRSchedule {
@@ -57,19 +61,20 @@ extension Adapter {
     // MARK: 1. rollouts
 
     /// Every prompt prefilled once and fanned out to `votes` samples; all samples of the batch decode
-    /// together; each sample's answer votes.
-    func collectRollouts(_ batch: [Item], step: Int) throws -> [Rollout] {
+    /// together; each sample's answer votes. Each prompt samples from its own random stream, seeded by its
+    /// position in the step, so a prompt's samples do not depend on which process or batch it runs in.
+    func collectRollouts(_ batch: [Item], positions: [Int], step: Int) throws -> [Rollout] {
         let prompts = try noGrad { try batch.map { try prepare($0) } }
-        let sampling = SamplingParams(temperature: options.temperature, topP: options.topP, maxTokens: options.maxNewTokens,
-                                      seed: options.seed &* 1_000_003 &+ UInt64(step))
-        let completions = try generator.generateBatch(prompts, samples: options.votes, params: sampling)
+        let sampling = SamplingParams(temperature: options.temperature, topP: options.topP, maxTokens: options.maxNewTokens)
+        let seeds = positions.map { options.seed &* 1_000_003 &+ UInt64(step) &* 10_007 &+ UInt64($0) }
+        let completions = try generator.generateBatch(prompts, samples: options.votes, params: sampling, seeds: seeds)
         return batch.enumerated().map { i, item in
             let samples = Array(completions[(i * options.votes)..<((i + 1) * options.votes)])
             let answers = samples.map { answerOf($0, item: item, style: options.answerStyle) }
             let vote = voteRewards(answers: answers, entropyCoef: options.entropyCoef, kind: options.reward,
                                    denominator: .allVotes)
             let invalid = samples.filter { extractAnswer($0.text, mode: item.answerMode) == nil }.count
-            return Rollout(item: item, prompt: prompts[i], samples: samples, vote: vote,
+            return Rollout(item: item, position: positions[i], prompt: prompts[i], samples: samples, vote: vote,
                            strictInvalid: Double(invalid) / Double(samples.count),
                            trained: samples.prefix(options.trainSamples).map(\.tokens))
         }
@@ -81,10 +86,22 @@ extension Adapter {
 
     // MARK: 2. advantages
 
-    /// The trained samples' rewards, normalised per prompt (reference) or over the batch (default).
-    func advantagesOf(_ rollouts: [Rollout]) -> [[Double]] {
+    /// The trained samples' rewards, normalised per prompt (reference) or over the whole step's batch
+    /// (default), which with several processes means over every process's prompts.
+    func advantagesOf(_ rollouts: [Rollout], batchSize: Int) throws -> [[Double]] {
         let rewards = rollouts.map { Array($0.vote.rewards.prefix(options.trainSamples)) }
-        return options.resolvedAdvantage == .group ? rewards.map { groupAdvantages($0) } : batchAdvantages(rewards)
+        if options.resolvedAdvantage == .group { return rewards.map { groupAdvantages($0) } }
+        guard distributed.worldSize > 1 else { return batchAdvantages(rewards) }
+        // Every process rebuilds the whole batch in prompt order and keeps its own groups' rows.
+        let gathered = try distributed.allgather(rewards.flatMap { $0 })
+        var groups = [[Double]](repeating: [], count: batchSize)
+        for (rank, flat) in gathered.enumerated() {
+            for (k, position) in stride(from: rank, to: batchSize, by: distributed.worldSize).enumerated() {
+                groups[position] = Array(flat[(k * options.trainSamples)..<((k + 1) * options.trainSamples)])
+            }
+        }
+        let all = batchAdvantages(groups)
+        return rollouts.map { all[$0.position] }
     }
 
     // MARK: 3. log-probs
@@ -133,7 +150,10 @@ extension Adapter {
 
     // MARK: 4. update
 
-    /// PPO-clip + KL, token-mean over each mini-batch of prompts, one optimiser update per mini-batch.
+    /// PPO-clip + KL, token-mean over each mini-batch of prompts, one optimiser update per mini-batch. With
+    /// several processes a mini-batch spans them (each contributes its share of prompts), losses are scaled
+    /// by the mini-batch's global token count and gradients summed before the clip and the update, so
+    /// every process makes the same update.
     func update(_ rollouts: [Rollout], _ advantages: [[Double]], _ targets: [Int: Targets],
                 _ active: [Int]) throws -> UpdateStats {
         var stats = UpdateStats()
@@ -142,9 +162,13 @@ extension Adapter {
         loss.dualClip = options.dualClip
         loss.klCoef = options.klCoef
         let params = trainable.map(\.tensor)
-        for start in stride(from: 0, to: active.count, by: options.resolvedMiniBatch) {
-            let group = Array(active[start..<min(active.count, start + options.resolvedMiniBatch)])
-            let tokens = group.reduce(0) { $0 + rollouts[$1].trained.reduce(0) { $0 + $1.count } }
+        let world = distributed.worldSize
+        let perUpdate = max(1, (options.resolvedMiniBatch + world - 1) / world)
+        let mostActive = Int(try distributed.allreduce([Double(active.count)], op: .max)[0])
+        for start in stride(from: 0, to: mostActive, by: perUpdate) {
+            let group = Array(active[min(start, active.count)..<min(active.count, start + perUpdate)])
+            let own = group.reduce(0) { $0 + rollouts[$1].trained.reduce(0) { $0 + $1.count } }
+            let tokens = try distributed.allreduce([Double(own)])[0]
             let ta = Date()
             for i in group {
                 let t = targets[i]!
@@ -167,12 +191,13 @@ extension Adapter {
                     stats.ratioMaxAbsLog = max(stats.ratioMaxAbsLog, pg.maxAbsLogRatio)
                     // Each prompt's token-mean loss, weighted by its share of the mini-batch's tokens, sums
                     // to the token-mean over the mini-batch.
-                    let own = Double(rollouts[i].trained.reduce(0) { $0 + $1.count })
-                    try (total * (own / Double(tokens))).backward()
+                    let mine = Double(rollouts[i].trained.reduce(0) { $0 + $1.count })
+                    try (total * (mine / tokens)).backward()
                 }
             }
             let tb = Date()
             stats.trainSeconds += tb.timeIntervalSince(ta)
+            if world > 1 { try distributed.allreduce(params.map { try $0.ensureGrad() }) }
             let norm = try clipGradNorm(params, maxNorm: options.gradClip)
             if norm.isFinite { try optimizer.step() } else { stats.skipped += 1 }
             try optimizer.zeroGrad()
@@ -180,36 +205,62 @@ extension Adapter {
             stats.updates += 1
             stats.optimizerSeconds += Date().timeIntervalSince(tb)
         }
-        let n = Double(max(1, active.count))
-        stats.kl /= n
-        stats.pgLoss /= n
-        stats.clipFraction /= n
+        // Means over every process's trained prompts; maxima over all of them.
+        let sums = try distributed.allreduce([stats.kl, stats.pgLoss, stats.clipFraction, Double(active.count)])
+        let maxima = try distributed.allreduce([stats.ratioMaxAbsLog, stats.samplerMaxAbsLog], op: .max)
+        let n = max(1, sums[3])
+        (stats.kl, stats.pgLoss, stats.clipFraction) = (sums[0] / n, sums[1] / n, sums[2] / n)
+        (stats.ratioMaxAbsLog, stats.samplerMaxAbsLog) = (maxima[0], maxima[1])
         stats.gradNorm /= Double(max(1, stats.updates))
         return stats
     }
 
     // MARK: 5. metrics
 
+    /// What the log needs of one prompt's rollout; gathered from every process in prompt order.
+    struct PromptSummary: Codable {
+        var position: Int
+        var itemId: String
+        var rewards: [Double]
+        var majorityRatio, strictInvalid, entropy, meanLength: Double
+        var majority: String?
+        var majorityCorrect: Bool?
+        var votes: [VoteCount]
+    }
+
+    func summaries(_ rollouts: [Rollout]) throws -> [PromptSummary] {
+        let mine = rollouts.map { r in
+            PromptSummary(position: r.position, itemId: r.item.id, rewards: r.vote.rewards,
+                          majorityRatio: r.vote.majorityRatio, strictInvalid: r.strictInvalid,
+                          entropy: r.vote.normalizedEntropy,
+                          meanLength: Double(r.samples.reduce(0) { $0 + $1.tokens.count }) / Double(r.samples.count),
+                          majority: r.vote.majority, majorityCorrect: r.item.answer.map { _ in isCorrect(r.vote.majority, r.item) },
+                          votes: VoteCount.histogram(r.vote.answers))
+        }
+        guard distributed.worldSize > 1 else { return mine }
+        let gathered = try distributed.allgather(bytes: Array(try JSONEncoder().encode(mine)))
+        return try gathered.flatMap { try JSONDecoder().decode([PromptSummary].self, from: Data($0)) }
+            .sorted { $0.position < $1.position }
+    }
+
     func metrics(_ rollouts: [Rollout], _ u: UpdateStats, step: Int, epoch: Int, seconds: Double,
-                 rollout: Double, oldRef: Double) -> StepLog {
-        let rewards = rollouts.flatMap(\.vote.rewards)
+                 rollout: Double, oldRef: Double) throws -> StepLog {
+        let prompts = try summaries(rollouts)
+        let rewards = prompts.flatMap(\.rewards)
         let mean = rewards.reduce(0, +) / Double(rewards.count)
         let std = (rewards.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(max(1, rewards.count - 1))).squareRoot()
-        func average(_ f: (Rollout) -> Double) -> Double { rollouts.map(f).reduce(0, +) / Double(rollouts.count) }
-        let labelled = rollouts.filter { $0.item.answer != nil }
+        func average(_ f: (PromptSummary) -> Double) -> Double { prompts.map(f).reduce(0, +) / Double(prompts.count) }
+        let labelled = prompts.compactMap(\.majorityCorrect)
         return StepLog(
-            step: step, epoch: epoch, rewardMean: mean, rewardStd: std, majorityRatio: average(\.vote.majorityRatio),
-            invalidShare: average(\.strictInvalid), answerEntropy: average(\.vote.normalizedEntropy),
-            responseLength: average { Double($0.samples.reduce(0) { $0 + $1.tokens.count }) / Double($0.samples.count) },
+            step: step, epoch: epoch, rewardMean: mean, rewardStd: std, majorityRatio: average(\.majorityRatio),
+            invalidShare: average(\.strictInvalid), answerEntropy: average(\.entropy), responseLength: average(\.meanLength),
             kl: u.kl, pgLoss: u.pgLoss, clipFraction: u.clipFraction, ratioMaxAbsLog: u.ratioMaxAbsLog,
             samplerMaxAbsLog: u.samplerMaxAbsLog,
             gradNorm: u.gradNorm, updates: u.updates, skippedUpdates: u.skipped, lr: optimizer.lr, seconds: seconds,
             rolloutSeconds: rollout, oldRefSeconds: oldRef, trainSeconds: u.trainSeconds,
             optimizerSeconds: u.optimizerSeconds,
-            labelAccuracy: labelled.isEmpty ? nil
-                : Double(labelled.filter { isCorrect($0.vote.majority, $0.item) }.count) / Double(labelled.count),
-            majorities: rollouts.map(\.vote.majority), itemIds: rollouts.map(\.item.id),
-            voteCounts: rollouts.map { VoteCount.histogram($0.vote.answers) })
+            labelAccuracy: labelled.isEmpty ? nil : Double(labelled.filter { $0 }.count) / Double(labelled.count),
+            majorities: prompts.map(\.majority), itemIds: prompts.map(\.itemId), voteCounts: prompts.map(\.votes))
     }
 
     // MARK: weights

@@ -39,4 +39,30 @@ extension Bench {
         }
         return s
     }
+
+    /// Median seconds of an adapt step on the default VLM (4 prompts per step, 2 steps after a warm-up
+    /// step), as one process with 2 threads or as 2 processes of 1 thread each (same global batch).
+    public static func adaptStepSeconds(executable: String, processes: Int) throws -> Double {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ttrv-adapt-bench-\(getpid())-\(processes)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let adapt = ["adapt", "--model", "default", "--data", "fashion-mnist-c:contrast:5", "--adapt-samples", "12",
+                     "--batch-prompts", "4", "--epochs", "1", "--eval-limit", "2", "--no-vision-norm", "--out", dir.path]
+        if processes == 1 {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: executable)
+            p.arguments = adapt + ["--threads", "2"]
+            p.standardOutput = FileHandle.nullDevice
+            try p.run()
+            p.waitUntilExit()
+            guard p.terminationStatus == 0 else { throw DistributedError.collective("bench adapt exited \(p.terminationStatus)") }
+        } else {
+            var o = LaunchOptions(nproc: processes)
+            o.threadsPerWorker = 1
+            o.timeout = 600
+            try Launcher(options: o, executable: executable, arguments: adapt).run()
+        }
+        let log = try String(contentsOf: dir.appendingPathComponent("adapt_log.jsonl"), encoding: .utf8)
+        let seconds = try log.split(separator: "\n").dropFirst().map { try JSONDecoder().decode(StepLog.self, from: Data($0.utf8)).seconds }
+        return seconds.sorted()[seconds.count / 2]
+    }
 }

@@ -344,5 +344,14 @@ extension Tensor {
         read { h in tt_grad(h).map { Tensor(handle: $0) } }
     }
     public func zeroGrad() throws { try Tensor.status(self) { tt_zero_grad(handle) } }
+    /// A zero gradient where none has been computed (so that every process of a data-parallel step
+    /// reduces the same list of gradients); returns the gradient.
+    @discardableResult
+    public func ensureGrad() throws -> Tensor {
+        if let g = grad { return g }
+        let z = try Tensor.zeros(shape, dtype: dtype)
+        try Tensor.status(self, z) { tt_set_grad(handle, z.handle) }
+        return grad!
+    }
     public func detach() throws -> Tensor { try Tensor.make(self) { tt_detach(handle) } }
 }

@@ -198,6 +198,8 @@ struct BenchCommand: ParsableCommand {
             let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
             add("allreduce_135m_floats_2proc_seconds",
                 try Bench.twoProcessAllreduceSeconds(executable: exe, floats: 135_000_000, iterations: 5), "s")
+            add("adapt_step_seconds_1proc", try Bench.adaptStepSeconds(executable: exe, processes: 1), "s")
+            add("adapt_step_seconds_2proc", try Bench.adaptStepSeconds(executable: exe, processes: 2), "s")
         }
         add("peak_rss_mib", Bench.peakRSSMiB(), "MiB")
         Bench.attach(&entries, peer: peer)
@@ -378,12 +380,17 @@ func runAdapt(_ a: AdaptArguments) throws -> AdaptReport {
     let vlm = try ModelRegistry.load(a.model, chatTemplate: a.chatTemplate.map { URL(fileURLWithPath: $0) })
     let data = try Dataset.open(a.data, seed: a.seed)
     let evalData = try a.evalData.map { try Dataset.open($0, seed: a.seed) } ?? data
-    let adapter = try Adapter(vlm: vlm, options: options, out: URL(fileURLWithPath: a.out), log: eprint)
+    let dist = try Distributed.fromEnvironment()
+    let adapter = try Adapter(vlm: vlm, options: options, out: URL(fileURLWithPath: a.out), distributed: dist, log: eprint)
     adapter.command = CommandLine.arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
-    eprint("adapt: \(options.mode.rawValue) mode, training \(adapter.trainedParts.map(\.rawValue).joined(separator: "+")) "
-           + "(\(adapter.trainableCount) parameters), lr \(options.resolvedLR), advantage \(options.resolvedAdvantage.rawValue), "
-           + "\(options.resolvedMiniBatch) prompt(s) per update")
+    if dist.isMain {
+        eprint("adapt: \(options.mode.rawValue) mode, training \(adapter.trainedParts.map(\.rawValue).joined(separator: "+")) "
+               + "(\(adapter.trainableCount) parameters), lr \(options.resolvedLR), advantage \(options.resolvedAdvantage.rawValue), "
+               + "\(options.resolvedMiniBatch) prompt(s) per update"
+               + (dist.worldSize > 1 ? ", \(dist.worldSize) processes" : ""))
+    }
     let r = try adapter.run(adaptData: data, evalData: evalData, modelName: a.model)
+    guard dist.isMain else { return r }
     print(String(format: "accuracy before %.4f → after %.4f (%+.1f points) on %d items; %d steps, %.0f s%@",
                  r.accuracyBefore, r.accuracyAfter, 100 * (r.accuracyAfter - r.accuracyBefore), r.evalItems, r.steps, r.seconds,
                  r.stoppedEarly.map { "; stopped early: \($0)" } ?? ""))

@@ -9,15 +9,7 @@ final class DistributedLaunchTests: XCTestCase {
     let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("Fixtures")
 
-    /// The ttrv binary next to this test bundle (`swift build --build-tests` builds both).
-    func ttrv() throws -> String {
-        let dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
-        let exe = dir.appendingPathComponent("ttrv").path
-        guard FileManager.default.isExecutableFile(atPath: exe) else {
-            throw XCTSkip("no ttrv binary at \(exe): run `swift build --build-tests` first")
-        }
-        return exe
-    }
+    func ttrv() throws -> String { try builtTTRV() }
 
     func testEvalUnderLaunchMatchesOneProcess() throws {
         let tmp = try temporaryDirectory()
@@ -183,16 +175,6 @@ final class DistributedLaunchTests: XCTestCase {
         return (c.status, c.output.value)
     }
 
-    /// Process ids whose parent is `pid` (from /proc/*/stat).
-    func childProcesses(of pid: Int32) -> [Int32] {
-        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-        return entries.compactMap { Int32($0) }.filter { p in
-            guard let stat = try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { return false }
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            return fields.count > 1 && Int32(fields[1]) == pid
-        }
-    }
 
     func environment(of pid: Int32) -> [String: String] {
         guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/environ") else { return [:] }
@@ -202,6 +184,27 @@ final class DistributedLaunchTests: XCTestCase {
             return (String(s[..<eq]), String(s[s.index(after: eq)...]))
         }
         return Dictionary(pairs) { a, _ in a }
+    }
+}
+
+/// The ttrv binary next to this test bundle (`swift build --build-tests` builds both).
+func builtTTRV() throws -> String {
+    let dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+    let exe = dir.appendingPathComponent("ttrv").path
+    guard FileManager.default.isExecutableFile(atPath: exe) else {
+        throw XCTSkip("no ttrv binary at \(exe): run `swift build --build-tests` first")
+    }
+    return exe
+}
+
+/// Process ids whose parent is `pid` (from /proc/*/stat).
+func childProcesses(of pid: Int32) -> [Int32] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { Int32($0) }.filter { p in
+        guard let stat = try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        return fields.count > 1 && Int32(fields[1]) == pid
     }
 }
 
@@ -250,5 +253,94 @@ final class Child: @unchecked Sendable {
             Thread.sleep(forTimeInterval: 0.05)
         }
         return done()
+    }
+}
+
+/// Data-parallel adaptation: 2 processes × 2 prompts per step end where 1 process × 4 prompts does, and a
+/// killed worker stops the job, which then resumes from its checkpoint.
+final class DistributedAdaptTests: XCTestCase {
+    func ttrv() throws -> String { try builtTTRV() }
+
+    /// The tiny Qwen2.5-VL with its (tied) output embedding scaled up, so that its samples repeat and the votes
+    /// give real advantages (the random model spreads them evenly, leaving only the KL term's tiny gradient,
+    /// whose rounding noise Adam turns into full-size steps).
+    func sharpenedModel(in dir: URL) throws -> URL {
+        let src = fixtureDir.appendingPathComponent("qwen25vl"), dst = dir.appendingPathComponent("model")
+        try FileManager.default.createDirectory(at: dst, withIntermediateDirectories: true)
+        var state: [String: Tensor] = [:]
+        for f in try FileManager.default.contentsOfDirectory(atPath: src.path) {
+            if f.hasSuffix(".safetensors") {
+                state.merge(try SafeTensorsFile(url: src.appendingPathComponent(f)).tensors()) { a, _ in a }
+            } else if f.hasSuffix(".json") && f != "model.safetensors.index.json" || f.hasSuffix(".jinja") {
+                try FileManager.default.copyItem(at: src.appendingPathComponent(f), to: dst.appendingPathComponent(f))
+            }
+        }
+        state["model.embed_tokens.weight"] = try state["model.embed_tokens.weight"]! * 3
+        try saveSafeTensors(state, to: dst.appendingPathComponent("model.safetensors"))
+        return dst
+    }
+
+    func adaptArguments(_ rows: URL, _ out: URL, model: URL, epochs: Int = 3) -> [String] {
+        ["adapt", "--model", model.path, "--data", rows.path, "--mode", "reference",
+         "--advantage", "batch", "--mini-batch-prompts", "4", "--adapt-samples", "4", "--batch-prompts", "4",
+         "--epochs", "\(epochs)", "--votes", "8", "--train-samples", "8", "--max-new-tokens", "1", "--lr", "1e-3",
+         "--lora-rank", "2", "--eval-limit", "4", "--out", out.path]
+    }
+
+    func testTwoProcessesMatchOne() throws {
+        let tmp = tempDir("dp")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        let rows = try writeResumeRows(tmp)
+        let model = try sharpenedModel(in: tmp)
+        let one = tmp.appendingPathComponent("one"), two = tmp.appendingPathComponent("two")
+        let single = try Child(try ttrv(), adaptArguments(rows, one, model: model) + ["--threads", "1"])
+        XCTAssertTrue(single.wait(timeout: 300), "single adapt did not finish")
+        XCTAssertEqual(single.status, 0, single.output.value)
+        let launched = try Child(try ttrv(), ["launch", "--nproc", "2", "--threads", "1", "--timeout", "120", "--"]
+                                    + adaptArguments(rows, two, model: model))
+        XCTAssertTrue(launched.wait(timeout: 300), "launched adapt did not finish")
+        XCTAssertEqual(launched.status, 0, launched.output.value)
+        let a = try SafeTensorsFile(url: one.appendingPathComponent("adapted.safetensors"))
+        let b = try SafeTensorsFile(url: two.appendingPathComponent("adapted.safetensors"))
+        XCTAssertEqual(a.names, b.names)
+        var worst = 0.0
+        for name in a.names { worst = max(worst, try (a.tensor(name) - b.tensor(name)).abs().max().item()) }
+        XCTAssertLessThan(worst, 1e-5, "largest parameter difference after 3 steps")
+        let la = try readJSON(AdaptReport.self, from: one.appendingPathComponent("report.json")).log
+        let lb = try readJSON(AdaptReport.self, from: two.appendingPathComponent("report.json")).log
+        XCTAssertEqual(la.count, 3)
+        XCTAssertEqual(la.map(\.majorities), lb.map(\.majorities))
+        XCTAssertEqual(la.map(\.itemIds), lb.map(\.itemIds))
+        for (x, y) in zip(la, lb) {
+            XCTAssertEqual(x.rewardMean, y.rewardMean, accuracy: 1e-9)
+            XCTAssertEqual(x.gradNorm, y.gradNorm, accuracy: 1e-5 * max(1, x.gradNorm))
+        }
+        XCTAssertGreaterThan(la[0].gradNorm, 1, "the first step has a real policy gradient to reduce")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: two.appendingPathComponent("rank1").path))
+    }
+
+    func testKilledWorkerStopsTheJobWhichResumes() throws {
+        let tmp = tempDir("dpkill")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        let rows = try writeResumeRows(tmp)
+        let out = tmp.appendingPathComponent("run")
+        let args = ["launch", "--nproc", "2", "--threads", "1", "--timeout", "60", "--"]
+            + adaptArguments(rows, out, model: fixtureDir.appendingPathComponent("qwen25vl"), epochs: 8)
+        let first = try Child(try ttrv(), args)
+        defer { first.kill() }
+        XCTAssertTrue(first.waitFor("adapt] 2/8", timeout: 300), first.output.value)
+        let workers = childProcesses(of: first.process.processIdentifier)
+        XCTAssertEqual(workers.count, 2)
+        kill(workers.max()!, SIGKILL)
+        XCTAssertTrue(first.wait(timeout: 60), "the job kept running after a worker died")
+        XCTAssertNotEqual(first.status, 0)
+        XCTAssertTrue(first.output.value.contains("was killed by signal 9"), first.output.value)
+        let second = try Child(try ttrv(), args)
+        XCTAssertTrue(second.wait(timeout: 300), "the resumed job did not finish")
+        XCTAssertEqual(second.status, 0, second.output.value)
+        XCTAssertTrue(second.output.value.contains("resuming after step"), second.output.value)
+        XCTAssertEqual(try readJSON(AdaptReport.self, from: out.appendingPathComponent("report.json")).steps, 8)
     }
 }

@@ -4,20 +4,21 @@ import XCTest
 @testable import Torch
 @testable import TTRV
 
+/// The uneven items as a verl JSON file (images from the Qwen2.5-VL fixtures).
+func writeResumeRows(_ dir: URL) throws -> URL {
+    let images = fixtureDir.appendingPathComponent("qwen25vl")
+    let rows = unevenItems(images: images).items.enumerated().map { i, item -> [String: String] in
+        ["prompt": item.prompt, "image_path": images.appendingPathComponent(i % 2 == 0 ? "wide.png" : "tall.png").path,
+         "answer": item.answer!, "id": item.id]
+    }
+    let url = dir.appendingPathComponent("rows.json")
+    try JSONSerialization.data(withJSONObject: rows).write(to: url)
+    return url
+}
+
 /// `kill -9` during a run and the same command again: the run ends as an uninterrupted one does.
 final class ResumeTests: XCTestCase {
     let ttrv = fixtureDir.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent(".build/debug/ttrv")
-
-    func writeRows(_ dir: URL) throws -> URL {
-        let images = fixtureDir.appendingPathComponent("qwen25vl")
-        let rows = unevenItems(images: images).items.enumerated().map { i, item -> [String: String] in
-            ["prompt": item.prompt, "image_path": images.appendingPathComponent(i % 2 == 0 ? "wide.png" : "tall.png").path,
-             "answer": item.answer!, "id": item.id]
-        }
-        let url = dir.appendingPathComponent("rows.json")
-        try JSONSerialization.data(withJSONObject: rows).write(to: url)
-        return url
-    }
 
     func adapt(_ rows: URL, out: URL) -> Process {
         let p = Process()
@@ -50,7 +51,7 @@ final class ResumeTests: XCTestCase {
         let dir = tempDir("resume")
         defer { try? FileManager.default.removeItem(at: dir) }
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        let rows = try writeRows(dir)
+        let rows = try writeResumeRows(dir)
         let whole = dir.appendingPathComponent("whole"), killed = dir.appendingPathComponent("killed")
         let p = adapt(rows, out: whole)
         try p.run()

@@ -140,6 +140,7 @@ int tt_set_requires_grad(tt_tensor t, int flag);
 int tt_backward(tt_tensor t, tt_tensor grad /* nullable */, int retain_graph);
 tt_tensor tt_grad(tt_tensor t); // NULL with empty error when there is no gradient
 int tt_zero_grad(tt_tensor t);  // drops the gradient (set to undefined)
+int tt_set_grad(tt_tensor t, tt_tensor g);  // sets the gradient (same shape and dtype)
 tt_tensor tt_detach(tt_tensor t);
 int tt_is_leaf(tt_tensor t);
 
