@@ -213,7 +213,8 @@ public final class Adapter {
     }
 
     /// Evaluate before, match vision statistics (optional), adapt with resume, evaluate after. With several
-    /// processes every one runs this; rank 0 resumes, keeps the guard, and writes every file.
+    /// processes every one runs this on the same gathered step logs (so the guard decides alike everywhere);
+    /// rank 0 alone reads the checkpoint and writes every file.
     public func run(adaptData: Dataset, evalData: Dataset, modelName: String) throws -> AdaptReport {
         let main = distributed.isMain
         let composed = try visionNormTarget()
@@ -290,8 +291,7 @@ public final class Adapter {
     }
 
     /// Rank 0's run state, weights and optimiser state on every process (a resumed run may exist on rank 0's
-    /// disk alone). The guard's history stays with rank 0's logs; other ranks rebuild theirs from the steps
-    /// they run, which is enough because a resumed run past a guard stop does not step again.
+    /// disk alone).
     func synchronised(_ run: RunState) throws -> RunState {
         guard distributed.worldSize > 1 else { return run }
         let flags = try Tensor([Double(run.completedSteps), run.stoppedEarly == nil ? 0 : 1, run.seconds])
