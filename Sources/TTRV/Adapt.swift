@@ -66,6 +66,44 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
         case checkpointEvery = "checkpoint_every"
     }
 
+    /// Missing keys take their defaults, so options written by an older ttrv still load.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        func value<T: Decodable>(_ key: CodingKeys, _ fallback: T) throws -> T {
+            try c.decodeIfPresent(T.self, forKey: key) ?? fallback
+        }
+        let d = AdaptOptions()
+        mode = try value(.mode, d.mode)
+        adaptSamples = try value(.adaptSamples, d.adaptSamples)
+        oneExample = try value(.oneExample, d.oneExample)
+        epochs = try value(.epochs, d.epochs)
+        batchPrompts = try value(.batchPrompts, d.batchPrompts)
+        votes = try value(.votes, d.votes)
+        trainSamples = try value(.trainSamples, d.trainSamples)
+        lr = try c.decodeIfPresent(Double.self, forKey: .lr)
+        loraRank = try c.decodeIfPresent(Int.self, forKey: .loraRank)
+        train = try c.decodeIfPresent([ModelPart].self, forKey: .train)
+        reward = try value(.reward, d.reward)
+        entropyCoef = try value(.entropyCoef, d.entropyCoef)
+        advantage = try c.decodeIfPresent(AdvantageNorm.self, forKey: .advantage)
+        miniBatchPrompts = try c.decodeIfPresent(Int.self, forKey: .miniBatchPrompts)
+        maxNewTokens = try value(.maxNewTokens, d.maxNewTokens)
+        temperature = try value(.temperature, d.temperature)
+        topP = try value(.topP, d.topP)
+        klCoef = try value(.klCoef, d.klCoef)
+        clip = try value(.clip, d.clip)
+        dualClip = try value(.dualClip, d.dualClip)
+        weightDecay = try value(.weightDecay, d.weightDecay)
+        gradClip = try value(.gradClip, d.gradClip)
+        warmupRatio = try value(.warmupRatio, d.warmupRatio)
+        evalLimit = try c.decodeIfPresent(Int.self, forKey: .evalLimit)
+        evalBatch = try value(.evalBatch, d.evalBatch)
+        evalVotes = try value(.evalVotes, d.evalVotes)
+        seed = try value(.seed, d.seed)
+        visionNorm = try c.decodeIfPresent(Bool.self, forKey: .visionNorm)
+        checkpointEvery = try c.decodeIfPresent(Int.self, forKey: .checkpointEvery)
+    }
+
     public var resolvedLR: Double { lr ?? (mode == .reference ? 5e-7 : 2e-5) }
     public var resolvedAdvantage: AdvantageNorm { advantage ?? (mode == .reference ? .group : .batch) }
     public var resolvedMiniBatch: Int { min(miniBatchPrompts ?? (mode == .reference ? 1 : batchPrompts), batchPrompts) }
@@ -89,7 +127,7 @@ public struct StepLog: Codable, Sendable, Equatable {
     public var ratioMaxAbsLog: Double
     /// max |log π_train − log π_sampler| over trained tokens: how closely the training forward reproduces
     /// the sampler (≈1e-6 in fp32; bf16 rounds the two paths differently, hence old log-probs from the trainer).
-    public var samplerMaxAbsLog: Double
+    public var samplerMaxAbsLog: Double?
     public var gradNorm: Double
     public var updates: Int
     public var skippedUpdates: Int
