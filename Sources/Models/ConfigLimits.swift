@@ -4,6 +4,16 @@ import Foundation
 // corrupt or hostile config fails as a division by zero, or asks libtorch for terabytes while
 // building the model, instead of as an error naming the key.
 
+/// JSONSerialization with its error reduced to one line (Foundation refuses nesting past 512).
+func parseJSON(_ data: Data) throws -> Any {
+    do {
+        return try JSONSerialization.jsonObject(with: data)
+    } catch {
+        let detail = (error as NSError).userInfo[NSDebugDescriptionErrorKey] as? String ?? "\(error)"
+        throw ModelError("not valid JSON (\(detail))")
+    }
+}
+
 enum ConfigLimits {
     static func check(_ key: String, _ value: Int, _ range: ClosedRange<Int>) throws {
         guard range.contains(value) else {
@@ -68,6 +78,15 @@ extension InternVisionConfig {
         try ConfigLimits.check("vision_config.patch_size", patchSize, 1...imageSize)
         try ConfigLimits.check("vision_config.num_channels", numChannels, 1...4)
         try ConfigLimits.check("vision_config.layer_norm_eps", layerNormEps, 0...1)
+    }
+}
+
+extension InternVLConfig {
+    /// The tile grid search is quadratic in the tile limit (InternVL ships 12).
+    static func checkTiling(tileSize: Int, minTiles: Int, maxTiles: Int) throws {
+        try ConfigLimits.check("tile size", tileSize, 1...4096)
+        try ConfigLimits.check("max tiles", maxTiles, 1...256)
+        try ConfigLimits.check("min tiles", minTiles, 1...maxTiles)
     }
 }
 

@@ -100,7 +100,7 @@ public struct InternVLConfig: Sendable {
     public init(data: Data, url: URL) throws {
         func fail(_ why: String) -> ModelError { ModelError("\(url.path): \(why)") }
         let json: Any
-        do { json = try JSONSerialization.jsonObject(with: data) } catch { throw fail("not valid JSON (\(error))") }
+        do { json = try parseJSON(data) } catch let e as ModelError { throw fail(e.message) }
         guard let obj = json as? [String: Any] else { throw fail("not a JSON object") }
         remoteCode = obj["llm_config"] != nil
         guard var textDict = (obj[remoteCode ? "llm_config" : "text_config"]) as? [String: Any],
@@ -147,6 +147,9 @@ public struct InternVLConfig: Sendable {
             useThumbnail = obj["use_thumbnail"] as? Bool ?? true
             if let forced = obj["force_image_size"] as? Int, forced != vision.imageSize {
                 throw fail("force_image_size \(forced) differs from the vision tower's \(vision.imageSize)")
+            }
+            do { try Self.checkTiling(tileSize: vision.imageSize, minTiles: minTiles, maxTiles: maxTiles) } catch let e as ModelError {
+                throw fail(e.message)
             }
         }
     }

@@ -43,7 +43,7 @@ public struct Qwen25VLConfig: Sendable {
     /// Reads both config.json forms: the flat one of the Hub checkpoints (text fields at the
     /// root, `rope_scaling: {type: mrope}`) and transformers 5's nested `text_config`.
     public init(json data: Data) throws {
-        guard let root = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+        guard let root = try parseJSON(data) as? [String: Any] else {
             throw ModelError("config is not a JSON object")
         }
         var text = root["text_config"] as? [String: Any] ?? root
@@ -411,7 +411,7 @@ public struct Qwen25VLImageProcessor: Sendable {
 
     /// preprocessor_config.json; top-level min/max_pixels win over `size`, as in HF.
     public init(json data: Data) throws {
-        guard let d = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+        guard let d = try parseJSON(data) as? [String: Any] else {
             throw ModelError("preprocessor config is not a JSON object")
         }
         func int(_ k: String, _ dict: [String: Any]? = nil) -> Int? { ((dict ?? d)[k] as? NSNumber)?.intValue }

@@ -37,6 +37,21 @@ final class HostileCheckpointTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: Self.marker), "a hostile payload ran")
     }
 
+    /// Decoding would allocate width × height before reading a pixel; the header alone refuses them.
+    func testImageBombsAreRefusedFromTheHeader() throws {
+        let dir = Self.dir.appendingPathComponent("images")
+        let names = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
+        XCTAssertEqual(names, ["jpeg_bomb.jpg", "png_bomb.png", "png_too_wide.png"])
+        for name in names {
+            let url = dir.appendingPathComponent(name)
+            XCTAssertThrowsError(try Image.load(url)) { error in
+                let message = "\(error)"
+                XCTAssertTrue(message.contains(url.path), message)
+                XCTAssertTrue(message.contains("too large") || message.contains("IHDR"), message)
+            }
+        }
+    }
+
     /// A million-deep tuple or list used to overflow the stack when it was freed.
     func testMillionDeepPicklesAreRefusedNotFreedRecursively() {
         let url = URL(fileURLWithPath: "/tmp/deep.pkl")

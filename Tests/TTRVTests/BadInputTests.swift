@@ -152,6 +152,56 @@ final class BadInputTests: XCTestCase {
         assertOneLineError({ try LMLoader.loadHFModel(dir) }, naming: [configURL.path, "parameters"])
     }
 
+    /// Each used to divide by zero or overflow before any check ran.
+    func testVLMConfigValuesThatWouldTrapAreRefused() throws {
+        func edited(_ source: String, _ edit: (inout [String: Any]) -> Void) throws -> URL {
+            var json = try JSONSerialization.jsonObject(with: Data(contentsOf: fixture(source))) as! [String: Any]
+            edit(&json)
+            let url = scratch.appendingPathComponent("c-\(UUID().uuidString)").appendingPathComponent("config.json")
+            try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try JSONSerialization.data(withJSONObject: json).write(to: url)
+            return url
+        }
+        func vision(_ key: String, _ value: Any) -> (inout [String: Any]) -> Void {
+            { json in
+                var v = json["vision_config"] as! [String: Any]
+                v[key] = value
+                json["vision_config"] = v
+            }
+        }
+        for (key, value) in [("num_attention_heads", 0 as Any), ("patch_size", 0), ("image_size", -448)] {
+            let url = try edited("internvl/tiny/config.json", vision(key, value))
+            assertOneLineError({ try InternVLConfig(contentsOf: url) }, naming: [url.path, key])
+        }
+        let ratio = try edited("internvl/tiny/config.json") { $0["downsample_ratio"] = 0 }
+        assertOneLineError({ try InternVLConfig(contentsOf: ratio) }, naming: [ratio.path, "downsample_ratio"])
+        for (key, value) in [("num_heads", 0 as Any), ("spatial_merge_size", 0), ("patch_size", 0)] {
+            let url = try edited("qwen25vl/config.json", vision(key, value))
+            assertOneLineError({ try Qwen25VLConfig.decode(Data(contentsOf: url), url: url) }, naming: [url.path, key])
+        }
+        let section = try edited("qwen25vl/config.json") { json in
+            var rope = json["rope_scaling"] as! [String: Any]
+            rope["mrope_section"] = [Int.max, Int.max, 2]
+            json["rope_scaling"] = rope
+        }
+        assertOneLineError({ try Qwen25VLConfig.decode(Data(contentsOf: section), url: section) },
+                           naming: [section.path, "mrope_section"])
+    }
+
+    func testDeeplyNestedJSONIsRefusedNotRecursedInto() throws {
+        let deep = Data((String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000)).utf8)
+        let dir = scratch.appendingPathComponent("deep")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        for name in ["rows.json", "tokenizer.json", "config.json"] {
+            try deep.write(to: dir.appendingPathComponent(name))
+        }
+        let rows = dir.appendingPathComponent("rows.json"), tok = dir.appendingPathComponent("tokenizer.json")
+        assertOneLineError({ try DatasetFile.load(rows) }, naming: [rows.path, "nested"])
+        assertOneLineError({ try Tokenizer(tokenizerJSON: tok) }, naming: [tok.path, "nested"])
+        assertOneLineError({ try LMLoader.loadHFModel(dir) }, naming: [dir.appendingPathComponent("config.json").path])
+        assertOneLineError({ try InternVLConfig(contentsOf: dir.appendingPathComponent("config.json")) }, naming: ["nested"])
+    }
+
     func testMissingShardAndHostileIndex() throws {
         let dir = try llamaDir { _ in }
         let index = dir.appendingPathComponent("model.safetensors.index.json")

@@ -84,12 +84,14 @@ def state_dict(*entries):
 def torch_zip(name, pkl, storages={"0": struct.pack("<4f", 1, 2, 3, 4)}):
     """Stored (uncompressed) entries in torch's layout: archive/data.pkl, archive/data/<key>."""
     path = os.path.join(OUT, name)
+    def entry(name):  # fixed timestamps keep the output byte-identical across runs
+        return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", pkl)
-        z.writestr("archive/byteorder", "little")
+        z.writestr(entry("archive/data.pkl"), pkl)
+        z.writestr(entry("archive/byteorder"), "little")
         for key, raw in storages.items():
-            z.writestr("archive/data/" + key, raw)
-        z.writestr("archive/version", "3\n")
+            z.writestr(entry("archive/data/" + key), raw)
+        z.writestr(entry("archive/version"), "3\n")
     return path
 
 
@@ -222,6 +224,31 @@ sys_info = pickle.dumps({"protocol_version": 1001, "little_endian": True,
 legacy("legacy_huge_numel.pt", [sys_info, proto() + state_dict(("w", tensor())) + STOP,
                                 pickle.dumps(["0"], protocol=2) + struct.pack("<Q", 2**62)])
 expected["legacy_huge_numel.pt"] = ["truncated: storage '0' needs 4611686018427387904"]
+
+# ------------------------------------------------------------------ decompression bombs (images)
+# Refused from the header: decoding would allocate width x height before reading any pixel data.
+import zlib  # noqa: E402
+
+
+def png(name, width, height, rows):
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
+    idat = zlib.compress(b"\0" * (width + 1) * rows)
+    with open(os.path.join(IMAGES, name), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+IMAGES = os.path.join(OUT, "images")
+os.makedirs(IMAGES, exist_ok=True)
+png("png_bomb.png", 30000, 30000, 2)        # 9e8 pixels, within libpng's per-side limit
+png("png_too_wide.png", 2**31 - 1, 1, 0)    # past the per-side limit
+with open(os.path.join(ROOT, "Tests", "Fixtures", "images", "gray.jpg"), "rb") as f:
+    jpeg = bytearray(f.read())
+sof = jpeg.find(b"\xff\xc0")
+struct.pack_into(">HH", jpeg, sof + 5, 65500, 65500)  # height, width of the frame header
+with open(os.path.join(IMAGES, "jpeg_bomb.jpg"), "wb") as f:
+    f.write(jpeg)
 
 with open(os.path.join(OUT, "expected.json"), "w") as f:
     json.dump(expected, f, indent=1, sort_keys=True)
