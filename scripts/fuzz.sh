@@ -54,7 +54,7 @@ dict() {
 
 summary=$WORK/summary.txt
 mkdir -p "$WORK"
-: > "$summary"
+echo "# $(date -u +%FT%TZ), $SECONDS_PER_TARGET s per target" >> "$summary"
 found=0
 for t in $TARGETS; do
     rm -rf "$WORK/$t/seeds"
@@ -75,4 +75,7 @@ for t in $TARGETS; do
     echo "$line" | tee -a "$summary"
 done
 echo "summary in $summary"
-[ $found -eq 0 ] || { echo "new crash inputs under $F/fuzz/: fix them and commit the inputs"; exit 1; }
+if [ "$found" -ne 0 ]; then
+    echo "new crash inputs under $F/fuzz/: fix them and commit the inputs"
+    exit 1
+fi

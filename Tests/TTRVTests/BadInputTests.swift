@@ -88,6 +88,12 @@ final class BadInputTests: XCTestCase {
         let idx = scratch.appendingPathComponent("src.idx")
         try Data([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 3] + (0..<18).map { UInt8($0) }).write(to: idx)
         try assertTruncationsFail(idx, as: "t.idx") { try IDXFile.read($0) }
+        let gzip = Process()
+        gzip.executableURL = URL(fileURLWithPath: "/bin/gzip")
+        gzip.arguments = ["-k", "-n", idx.path]
+        try gzip.run()
+        gzip.waitUntilExit()
+        try assertTruncationsFail(scratch.appendingPathComponent("src.idx.gz"), as: "t.idx.gz") { try IDXFile.read($0) }
         try assertTruncationsFail(fixture("ttrv/rows.json"), as: "rows.json") { try DatasetFile.load($0) }
         // A JSONL prefix that ends on a line boundary is a shorter valid file.
         try assertTruncationsFail(fixture("ttrv/rows.jsonl"), as: "rows.jsonl", prefixMayLoad: { $0.last == 0x0a }) {
