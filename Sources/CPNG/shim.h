@@ -87,7 +87,7 @@ static inline int ttrv_png_decode(const unsigned char *data, size_t size, unsign
     int c = png_get_channels(png, info);
     size_t rowBytes = png_get_rowbytes(png, info);
     if ((c != 1 && c != 3) || rowBytes != (size_t)w * c) png_error(png, "unsupported PNG pixel layout");
-    if ((size_t)w * h > ((size_t)1 << 28)) png_error(png, "image too large (over 2^28 pixels)");
+    if ((size_t)w * h > ((size_t)1 << 26)) png_error(png, "image too large (over 2^26 = 67M pixels)");
 
     pixels = (unsigned char *)malloc(rowBytes * h);
     rows = (png_bytep *)malloc(sizeof(png_bytep) * h);
