@@ -559,7 +559,9 @@ struct PickleMachine {
             let op = try byte()
             switch op {
             case 0x80: _ = try byte()                                   // PROTO
-            case 0x95: try skip(8)                                      // FRAME: framing is irrelevant when all bytes are present
+            // FRAME: framing is irrelevant when all bytes are present. Skipped, not read: Swift 6.3's -O
+            // frees a discarded `Array(slice)` before copying into it (heap corruption, seen by ASan/valgrind).
+            case 0x95: try skip(8)
             case 0x2e:                                                  // STOP
                 guard stack.count == 1, marks.isEmpty else { throw fail("malformed pickle: STOP at offset \(at) with \(stack.count) values on the stack") }
                 return stack[0]
@@ -591,7 +593,7 @@ struct PickleMachine {
             case 0x68: stack.append(try recall(Int(try byte()), at))    // BINGET
             case 0x6a: stack.append(try recall(try length(4), at))      // LONG_BINGET
             case 0x30: _ = try pop(at)                                  // POP
-            case 0x31: _ = try popMark(at)                              // POP_MARK
+            case 0x31: try dropMark(at)                                 // POP_MARK
             case 0x32: stack.append(try top(at))                        // DUP
             case 0x74: stack.append(try tuple(try popMark(at), at))     // TUPLE
             case 0x85: stack.append(try tuple(try pop(1, at), at))      // TUPLE1
@@ -745,6 +747,11 @@ struct PickleMachine {
         guard let mark = marks.popLast() else { throw fail("malformed pickle: no MARK for opcode at offset \(at)") }
         defer { stack.removeSubrange(mark...) }
         return Array(stack[mark...])
+    }
+
+    private mutating func dropMark(_ at: Int) throws {
+        guard let mark = marks.popLast() else { throw fail("malformed pickle: no MARK for opcode at offset \(at)") }
+        stack.removeSubrange(mark...)
     }
 
     private func top(_ at: Int) throws -> PickleValue {
