@@ -10,7 +10,8 @@
 /// Returns Z_OK, or a zlib error code (Z_DATA_ERROR for corrupt or truncated data), or
 /// TTRV_INFLATE_TOO_LARGE when the output would exceed `limit` bytes (a decompression bomb).
 #define TTRV_INFLATE_TOO_LARGE (-100)
-static inline int ttrv_inflate(const unsigned char *data, size_t size, size_t limit, unsigned char **out, size_t *outSize) {
+static inline int ttrv_inflate(const unsigned char *data, size_t size, size_t limit,
+                               unsigned char **out, size_t *outSize) {
     z_stream zs;
     memset(&zs, 0, sizeof zs);
     *out = NULL;

@@ -22,7 +22,9 @@ enum ConfigLimits {
     }
 
     static func check(_ key: String, _ value: Double, _ range: ClosedRange<Double>) throws {
-        guard value.isFinite, range.contains(value) else { throw ModelError("\(key) = \(value) is out of range \(range)") }
+        guard value.isFinite, range.contains(value) else {
+            throw ModelError("\(key) = \(value) is out of range \(range)")
+        }
     }
 }
 
@@ -36,14 +38,17 @@ extension LlamaConfig {
         try ConfigLimits.check("num_attention_heads", numAttentionHeads, 1...1024)
         try ConfigLimits.check("num_key_value_heads", numKeyValueHeads, 1...numAttentionHeads)
         guard numAttentionHeads % numKeyValueHeads == 0 else {
-            throw ModelError("num_attention_heads \(numAttentionHeads) is not a multiple of num_key_value_heads \(numKeyValueHeads)")
+            throw ModelError("num_attention_heads \(numAttentionHeads) is not a multiple of "
+                + "num_key_value_heads \(numKeyValueHeads)")
         }
         if let headDim {
             try ConfigLimits.check("head_dim", headDim, 2...4096)
         } else if hiddenSize % numAttentionHeads != 0 {
             throw ModelError("hidden_size \(hiddenSize) is not a multiple of num_attention_heads \(numAttentionHeads)")
         }
-        guard resolvedHeadDim % 2 == 0 else { throw ModelError("head dimension \(resolvedHeadDim) is odd (RoPE needs pairs)") }
+        guard resolvedHeadDim % 2 == 0 else {
+            throw ModelError("head dimension \(resolvedHeadDim) is odd (RoPE needs pairs)")
+        }
         try ConfigLimits.check("max_position_embeddings", maxPositionEmbeddings, 1...(1 << 24))
         try ConfigLimits.check("rms_norm_eps", rmsNormEps, 0...1)
         try ConfigLimits.check("rope_theta", ropeTheta, 1e-3...1e12)
@@ -103,7 +108,9 @@ extension Qwen25VLVisionConfig {
         try ConfigLimits.check("vision_config.temporal_patch_size", temporalPatchSize, 1...16)
         try ConfigLimits.check("vision_config.spatial_merge_size", spatialMergeSize, 1...16)
         try ConfigLimits.check("vision_config.window_size", windowSize, 1...(1 << 16))
-        for b in fullAttentionBlocks { try ConfigLimits.check("vision_config.fullatt_block_indexes entry", b, 0...(depth - 1)) }
+        for b in fullAttentionBlocks {
+            try ConfigLimits.check("vision_config.fullatt_block_indexes entry", b, 0...(depth - 1))
+        }
         try ConfigLimits.check("vision_config.rope_theta", ropeTheta, 1e-3...1e12)
     }
 }

@@ -136,7 +136,9 @@ public struct InternVLConfig: Sendable {
         if let s = obj["vision_feature_select_strategy"] as? String, s != "default" { throw fail("vision_feature_select_strategy '\(s)' is not supported") }
         // ps_version v1 was an earlier pixel shuffle that leaves the result transposed.
         if let ps = obj["ps_version"] as? String, ps != "v2" { throw fail("ps_version '\(ps)' is not supported (v2)") }
-        guard downsampleRatio > 0, downsampleRatio <= 1 else { throw fail("downsample_ratio \(downsampleRatio) is not in (0, 1]") }
+        guard downsampleRatio > 0, downsampleRatio <= 1 else {
+            throw fail("downsample_ratio \(downsampleRatio) is not in (0, 1]")
+        }
         let k = 1 / downsampleRatio
         guard k == k.rounded(), vision.gridSize % Int(k) == 0 else {
             throw fail("downsample_ratio \(downsampleRatio) does not divide the \(vision.gridSize)-patch grid")
@@ -148,7 +150,9 @@ public struct InternVLConfig: Sendable {
             if let forced = obj["force_image_size"] as? Int, forced != vision.imageSize {
                 throw fail("force_image_size \(forced) differs from the vision tower's \(vision.imageSize)")
             }
-            do { try Self.checkTiling(tileSize: vision.imageSize, minTiles: minTiles, maxTiles: maxTiles) } catch let e as ModelError {
+            do {
+                try Self.checkTiling(tileSize: vision.imageSize, minTiles: minTiles, maxTiles: maxTiles)
+            } catch let e as ModelError {
                 throw fail(e.message)
             }
         }
@@ -477,8 +481,7 @@ public final class InternVL: Module, VisionLanguageModel {
     public static func load(_ dir: URL) throws -> InternVL {
         let configURL = dir.appendingPathComponent("config.json")
         var config = try InternVLConfig(contentsOf: configURL)
-        try config.text.checkFits(weightBytes: try LMLoader.weightFiles(dir).reduce(0) { $0 + (try LMLoader.fileSize($1)) },
-                                  bitsPerParameter: 8, file: configURL.path)
+        try config.text.checkFits(weightBytes: try LMLoader.weightBytes(dir), bitsPerParameter: 8, file: configURL.path)
         let state = try InternVLWeights.canonical(LMLoader.readSafeTensorsDir(dir))
         // Tie exactly when the checkpoint has no lm_head, which is what transformers ends up doing
         // whatever the (top-level or text) tie_word_embeddings flags say.

@@ -46,7 +46,9 @@ public struct InternVLImageProcessor: Sendable {
         if let r = obj["resample"] as? Int, r != 3 {
             throw ModelError("\(url.path): resample \(r) is not supported (InternVL uses 3, bicubic)")
         }
-        do { try InternVLConfig.checkTiling(tileSize: tileSize, minTiles: minTiles, maxTiles: maxTiles) } catch let e as ModelError {
+        do {
+            try InternVLConfig.checkTiling(tileSize: tileSize, minTiles: minTiles, maxTiles: maxTiles)
+        } catch let e as ModelError {
             throw ModelError("\(url.path): \(e.message)")
         }
     }

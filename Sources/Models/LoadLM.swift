@@ -48,8 +48,7 @@ public enum LMLoader {
         guard ["llama", "qwen2", "mistral"].contains(config.modelType) else {
             throw ModelError("\(configURL.path): model_type '\(config.modelType)' is not a Llama-family language model")
         }
-        try config.checkFits(weightBytes: try weightFiles(dir).reduce(0) { $0 + (try fileSize($1)) },
-                             bitsPerParameter: 8, file: configURL.path)
+        try config.checkFits(weightBytes: try weightBytes(dir), bitsPerParameter: 8, file: configURL.path)
         let model = try LlamaForCausalLM(config)
         let state = try readSafeTensorsDir(dir)
         // Integer data would be cast into the float parameters without a word.
@@ -81,7 +80,9 @@ public enum LMLoader {
         let index = dir.appendingPathComponent("model.safetensors.index.json")
         guard FileManager.default.fileExists(atPath: index.path) else {
             let single = dir.appendingPathComponent("model.safetensors")
-            guard FileManager.default.fileExists(atPath: single.path) else { throw ModelError("\(single.path): weights file missing") }
+            guard FileManager.default.fileExists(atPath: single.path) else {
+                throw ModelError("\(single.path): weights file missing")
+            }
             return [single]
         }
         struct Index: Decodable { let weight_map: [String: String] }
@@ -102,6 +103,11 @@ public enum LMLoader {
             files.append(f)
         }
         return files
+    }
+
+    /// Total size of `weightFiles(dir)`.
+    static func weightBytes(_ dir: URL) throws -> Int {
+        try weightFiles(dir).reduce(0) { $0 + (try fileSize($1)) }
     }
 
     static func fileSize(_ url: URL) throws -> Int {

@@ -492,8 +492,7 @@ public final class Qwen25VL: VisionLanguageModel {
             throw ModelError("\(configURL.path): cannot read (\(error.localizedDescription))")
         }
         let config = try Qwen25VLConfig.decode(data, url: configURL)
-        try config.text.checkFits(weightBytes: try LMLoader.weightFiles(dir).reduce(0) { $0 + (try LMLoader.fileSize($1)) },
-                                  bitsPerParameter: 8, file: configURL.path)
+        try config.text.checkFits(weightBytes: try LMLoader.weightBytes(dir), bitsPerParameter: 8, file: configURL.path)
         let model = try Qwen2_5_VLForConditionalGeneration(config)
         var state: [String: Tensor] = [:]
         for (k, v) in try LMLoader.readSafeTensorsDir(dir) { state[Qwen2_5_VLForConditionalGeneration.currentName(k)] = v }
