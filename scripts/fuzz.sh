@@ -2,6 +2,7 @@
 # Fuzzes every file parser with the toolchain's libFuzzer (make fuzz).
 #   FUZZ_SECONDS=180   seconds per target
 #   FUZZ_TARGETS="gguf png"   a subset (default: all of TTRV.FuzzEntry.targets)
+#   FUZZ_NO_BUILD=1   use the fuzzer binary already built (e.g. for a second, parallel run)
 # Crashes, timeouts and out-of-memory inputs are written to Tests/Fixtures/fuzz/<target>/, which
 # the tests replay (FuzzRegressionTests); the growing corpus lives in .build/fuzz-work/<target>/.
 set -uo pipefail
@@ -16,8 +17,31 @@ F=Tests/Fixtures
 
 # Every module instrumented for coverage and ASan; FUZZING drops the replay main so that
 # libFuzzer's main is the program's.
-nice -n 10 swift build -c release --build-path "$BUILD" --product ttrv-fuzz \
-    --sanitize=fuzzer --sanitize=address -Xswiftc -DFUZZING || exit 1
+build() {
+    nice -n 10 swift build -c release --build-path "$BUILD" --product ttrv-fuzz \
+        --sanitize=fuzzer --sanitize=address -Xswiftc -DFUZZING
+}
+# SwiftPM 6.3's incremental rebuild of this configuration can relink the library modules without
+# their coverage counters, and libFuzzer then runs blind; the parsers alone have over 10,000.
+counters() {
+    local hex
+    hex=$(objdump -h "$BIN" | awk '$2 == "__sancov_cntrs" {print $3}')
+    echo $((16#${hex:-0}))
+}
+if [ -z "${FUZZ_NO_BUILD:-}" ]; then
+    build || exit 1
+    if [ "$(counters)" -lt 10000 ]; then
+        echo "the incremental build lost coverage instrumentation; building $BUILD from scratch"
+        rm -rf "$BUILD"
+        build || exit 1
+    fi
+fi
+[ "$(counters)" -ge 10000 ] || { echo "$BIN is not instrumented for coverage"; exit 1; }
+# The targets run a copy, so that a concurrent build cannot swap the binary between targets.
+mkdir -p "$WORK"
+cp "$BIN" "$WORK/ttrv-fuzz.$$"
+BIN=$WORK/ttrv-fuzz.$$
+trap 'rm -f "$BIN"' EXIT
 
 # Small inputs only: libFuzzer mutates faster and finds more from short seeds.
 seeds() {
