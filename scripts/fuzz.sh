@@ -19,10 +19,11 @@ F=Tests/Fixtures
 # libFuzzer's main is the program's.
 build() {
     nice -n 10 swift build -c release --build-path "$BUILD" --product ttrv-fuzz \
-        --sanitize=fuzzer --sanitize=address -Xswiftc -DFUZZING
+        --sanitize=fuzzer --sanitize=address -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING
 }
-# SwiftPM 6.3's incremental rebuild of this configuration can relink the library modules without
-# their coverage counters, and libFuzzer then runs blind; the parsers alone have over 10,000.
+# With `--sanitize` alone, SwiftPM 6.3 sometimes compiled the Swift modules without coverage counters
+# (libFuzzer then runs blind), hence the explicit -Xswiftc flags and this check; the parsers alone
+# have over 10,000 counters.
 counters() {
     local hex
     hex=$(objdump -h "$BIN" | awk '$2 == "__sancov_cntrs" {print $3}')
