@@ -28,4 +28,37 @@ final class FuzzRegressionTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: Self.root.path), "no \(Self.root.path)")
         print("replayed \(replayed) stored fuzz inputs")
     }
+
+    /// The same inputs in a child (the plain `ttrv-fuzz` replay tool) that reports how much its peak
+    /// resident memory grew per input: none may take more than 64 MB (the PNG whose zTXt chunk
+    /// claimed 1.9 GB took 1.9 GB). The heap cap only protects the machine; set below 2 GB, it made
+    /// that malloc fail quietly and hid the bug.
+    func testStoredInputsStayWithinAMemoryLimit() throws {
+        let dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        let tool = try XCTUnwrap([dir, dir.deletingLastPathComponent()].map { $0.appendingPathComponent("ttrv-fuzz") }
+            .first { FileManager.default.isExecutableFile(atPath: $0.path) }, "ttrv-fuzz is not built next to \(dir.path)")
+        for target in FuzzEntry.targets {
+            let folder = Self.root.appendingPathComponent(target)
+            let files = ((try? FileManager.default.contentsOfDirectory(atPath: folder.path)) ?? [])
+                .filter { !$0.hasPrefix(".") }.sorted().map { folder.appendingPathComponent($0).path }
+            guard !files.isEmpty else { continue }
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
+            process.arguments = ["--data=\(4 << 30)", "--", tool.path, "--rss", target] + files
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            process.standardError = pipe
+            try process.run()
+            let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            XCTAssertEqual(process.terminationStatus, 0, "\(target): \(output)")
+            let lines = output.split(separator: "\n")
+            XCTAssertEqual(lines.count, files.count, output)
+            for line in lines {
+                XCTAssertTrue(line.contains(": ok (peak") || line.contains(": error: "), "\(target): \(line)")
+                let growth = line.split(separator: "+").last.flatMap { Int($0.prefix { $0.isNumber }) }
+                XCTAssertLessThan(try XCTUnwrap(growth, String(line)), 64 << 10, "\(target): \(line)")
+            }
+        }
+    }
 }
