@@ -5,7 +5,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := .deps/.stamp
 RELEASE := .build/release/ttrv
 
-.PHONY: setup test demo bench build release clean-deps
+.PHONY: setup test demo bench build release clean-deps fuzz
 
 $(STAMP): scripts/setup.sh
 	bash scripts/setup.sh
@@ -31,6 +31,11 @@ demo: release
 # reference in the same run.
 bench: release
 	$(RELEASE) bench --json bench-results.json
+
+# libFuzzer over every file parser, FUZZ_SECONDS each (default 180); crash inputs land in
+# Tests/Fixtures/fuzz/<target>/ and are replayed by `make test`. FUZZ_TARGETS picks a subset.
+fuzz: $(STAMP)
+	bash scripts/fuzz.sh
 
 clean-deps:
 	rm -rf .deps

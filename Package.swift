@@ -52,6 +52,8 @@ let package = Package(
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .target(name: "Models", dependencies: ["Torch", "CPNG", "CJPEG", "CZlib"]),
         .target(name: "TTRV", dependencies: ["Models"]),
+        // libFuzzer driver (make fuzz) and, built plainly, a replay tool for the parsers.
+        .executableTarget(name: "ttrv-fuzz", dependencies: ["TTRV"]),
         .executableTarget(
             name: "ttrv",
             dependencies: ["TTRV", .product(name: "ArgumentParser", package: "swift-argument-parser")]

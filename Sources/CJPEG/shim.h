@@ -58,8 +58,8 @@ static inline int ttrv_jpeg_decode(const unsigned char *data, size_t size, unsig
     jpeg_mem_src(&cinfo, data, (unsigned long)size);
     jpeg_read_header(&cinfo, TRUE);
     // A few header bytes can claim 65500 x 65500; refuse before allocating.
-    if ((size_t)cinfo.image_width * cinfo.image_height > ((size_t)1 << 28)) {
-        strncpy(err, "image too large (over 2^28 pixels)", errlen - 1);
+    if ((size_t)cinfo.image_width * cinfo.image_height > ((size_t)1 << 26)) {
+        strncpy(err, "image too large (over 2^26 = 67M pixels)", errlen - 1);
         err[errlen - 1] = 0;
         jpeg_destroy_decompress(&cinfo);
         return 3;

@@ -7,8 +7,11 @@
 
 /// Inflates a whole gzip (or zlib) buffer into a malloc'd buffer the caller
 /// frees. In C because inflateInit2 is a macro, which Swift cannot call.
-/// Returns Z_OK, or a zlib error code (Z_DATA_ERROR for corrupt or truncated data).
-static inline int ttrv_inflate(const unsigned char *data, size_t size, unsigned char **out, size_t *outSize) {
+/// Returns Z_OK, or a zlib error code (Z_DATA_ERROR for corrupt or truncated data), or
+/// TTRV_INFLATE_TOO_LARGE when the output would exceed `limit` bytes (a decompression bomb).
+#define TTRV_INFLATE_TOO_LARGE (-100)
+static inline int ttrv_inflate(const unsigned char *data, size_t size, size_t limit,
+                               unsigned char **out, size_t *outSize) {
     z_stream zs;
     memset(&zs, 0, sizeof zs);
     *out = NULL;
@@ -22,7 +25,8 @@ static inline int ttrv_inflate(const unsigned char *data, size_t size, unsigned 
     while (rc == Z_OK) {
         if (!buf) { rc = Z_MEM_ERROR; break; }
         if (length == capacity) {
-            capacity *= 2;
+            if (capacity >= limit) { rc = TTRV_INFLATE_TOO_LARGE; break; }
+            capacity = capacity * 2 < limit ? capacity * 2 : limit;
             unsigned char *grown = (unsigned char *)realloc(buf, capacity);
             if (!grown) { rc = Z_MEM_ERROR; break; }
             buf = grown;

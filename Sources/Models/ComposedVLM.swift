@@ -223,10 +223,11 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
 
     public static func load(_ dir: URL, root: URL = Paths.repoRoot) throws -> ComposedVLM {
         let configURL = dir.appendingPathComponent("config.json")
-        let config: ComposedConfig
-        do { config = try JSONDecoder().decode(ComposedConfig.self, from: Data(contentsOf: configURL)) } catch {
-            throw ModelError("\(configURL.path): not a composed VLM config (\(error))")
+        let data: Data
+        do { data = try Data(contentsOf: configURL) } catch {
+            throw ModelError("\(configURL.path): cannot read (\(error.localizedDescription))")
         }
+        let config = try ComposedConfig.decode(data, url: configURL)
         let vlm = try create(config, root: root)
         if var own = try ChatTemplate.find(in: dir) {
             own.specialTokens.merge(vlm.language.template.specialTokens) { mine, _ in mine }

@@ -155,15 +155,22 @@ public final class GGUFFile: Sendable {
     private let data: Data
     private let index: [String: Int]
 
-    public init(url: URL) throws {
-        self.url = url
-        let file = url.path
+    public convenience init(url: URL) throws {
+        let data: Data
         do {
             // Mapped, not read: model files are large and we only touch what gets dequantised.
             data = try Data(contentsOf: url, options: .alwaysMapped)
         } catch {
-            throw GGUFError.unreadable(file: file, reason: error.localizedDescription)
+            throw GGUFError.unreadable(file: url.path, reason: error.localizedDescription)
         }
+        try self.init(data: data, url: url)
+    }
+
+    /// Parses bytes already in memory; `url` only names the file in errors.
+    public init(data: Data, url: URL) throws {
+        self.url = url
+        self.data = data
+        let file = url.path
         let header = try data.withUnsafeBytes { try Header(parsing: $0, file: file) }
         version = header.version
         metadata = header.metadata

@@ -18,17 +18,25 @@ public enum IDXError: Error, CustomStringConvertible, Equatable {
 public struct IDXFile {
     public static func read(_ url: URL) throws -> (shape: [Int], bytes: [UInt8]) {
         let path = url.path
-        var raw: Data
+        let raw: Data
         do {
             raw = try Data(contentsOf: url)
         } catch {
             let reason = FileManager.default.fileExists(atPath: path) ? error.localizedDescription : "no such file"
             throw IDXError.unreadable(path: path, reason: reason)
         }
+        return try read(data: raw, path: path)
+    }
+
+    /// Parses IDX bytes, gzipped or not; `path` names the file in errors.
+    public static func read(data: Data, path: String) throws -> (shape: [Int], bytes: [UInt8]) {
         // The magic bytes decide, not the extension: the datasets ship both ways.
-        if raw.starts(with: [0x1F, 0x8B]) { raw = try gunzip(raw, path: path) }
+        let raw = data.starts(with: [0x1F, 0x8B]) ? try gunzip(data, path: path) : data
         return try parse([UInt8](raw), path: path)
     }
+
+    /// Far above Fashion-MNIST's 47 MB; a few KB of gzip can otherwise claim gigabytes.
+    static let maxInflatedBytes = 1 << 30
 
     static func parse(_ b: [UInt8], path: String) throws -> (shape: [Int], bytes: [UInt8]) {
         func fail(_ detail: String) -> IDXError { .malformed(path: path, detail: detail) }
@@ -59,7 +67,10 @@ public struct IDXFile {
         var out: UnsafeMutablePointer<UInt8>?
         var size = 0
         let rc = data.withUnsafeBytes { raw in
-            ttrv_inflate(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &out, &size)
+            ttrv_inflate(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, maxInflatedBytes, &out, &size)
+        }
+        guard rc != TTRV_INFLATE_TOO_LARGE else {
+            throw IDXError.malformed(path: path, detail: "gzip data inflates to more than \(maxInflatedBytes) bytes")
         }
         guard rc == Z_OK, let out else {
             throw IDXError.malformed(path: path, detail: "gzip decompression failed (zlib error \(rc): "

@@ -62,6 +62,7 @@ public struct InternVisionConfig: Decodable, Sendable {
         guard try c.decodeIfPresent(Bool.self, forKey: .useAbsolutePositionEmbeddings) ?? true else {
             throw ModelError("vision configs without absolute position embeddings are not supported")
         }
+        try validate()
         guard hiddenSize % numAttentionHeads == 0, imageSize % patchSize == 0 else {
             throw ModelError("vision_config: hidden_size / heads or image_size / patch_size is not whole")
         }
@@ -88,10 +89,19 @@ public struct InternVLConfig: Sendable {
 
     /// Reads an `-hf` (model_type "internvl") or remote-code (model_type "internvl_chat") config.json.
     public init(contentsOf url: URL) throws {
-        guard let obj = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as? [String: Any] else {
-            throw ModelError("\(url.path): not a JSON object")
+        let data: Data
+        do { data = try Data(contentsOf: url) } catch {
+            throw ModelError("\(url.path): cannot read (\(error.localizedDescription))")
         }
+        try self.init(data: data, url: url)
+    }
+
+    /// Parses config.json bytes; `url` names the file in errors.
+    public init(data: Data, url: URL) throws {
         func fail(_ why: String) -> ModelError { ModelError("\(url.path): \(why)") }
+        let json: Any
+        do { json = try parseJSON(data) } catch let e as ModelError { throw fail(e.message) }
+        guard let obj = json as? [String: Any] else { throw fail("not a JSON object") }
         remoteCode = obj["llm_config"] != nil
         guard var textDict = (obj[remoteCode ? "llm_config" : "text_config"]) as? [String: Any],
               let visionDict = obj["vision_config"] as? [String: Any] else {
@@ -126,6 +136,9 @@ public struct InternVLConfig: Sendable {
         if let s = obj["vision_feature_select_strategy"] as? String, s != "default" { throw fail("vision_feature_select_strategy '\(s)' is not supported") }
         // ps_version v1 was an earlier pixel shuffle that leaves the result transposed.
         if let ps = obj["ps_version"] as? String, ps != "v2" { throw fail("ps_version '\(ps)' is not supported (v2)") }
+        guard downsampleRatio > 0, downsampleRatio <= 1 else {
+            throw fail("downsample_ratio \(downsampleRatio) is not in (0, 1]")
+        }
         let k = 1 / downsampleRatio
         guard k == k.rounded(), vision.gridSize % Int(k) == 0 else {
             throw fail("downsample_ratio \(downsampleRatio) does not divide the \(vision.gridSize)-patch grid")
@@ -136,6 +149,11 @@ public struct InternVLConfig: Sendable {
             useThumbnail = obj["use_thumbnail"] as? Bool ?? true
             if let forced = obj["force_image_size"] as? Int, forced != vision.imageSize {
                 throw fail("force_image_size \(forced) differs from the vision tower's \(vision.imageSize)")
+            }
+            do {
+                try Self.checkTiling(tileSize: vision.imageSize, minTiles: minTiles, maxTiles: maxTiles)
+            } catch let e as ModelError {
+                throw fail(e.message)
             }
         }
     }
@@ -467,7 +485,9 @@ public final class InternVL: Module, VisionLanguageModel, ChatTemplated {
     /// Loads an `-hf` or remote-code InternVL directory: config.json, safetensors, tokenizer.json and,
     /// for `-hf`, preprocessor_config.json. The vision tower comes back frozen.
     public static func load(_ dir: URL) throws -> InternVL {
-        var config = try InternVLConfig(contentsOf: dir.appendingPathComponent("config.json"))
+        let configURL = dir.appendingPathComponent("config.json")
+        var config = try InternVLConfig(contentsOf: configURL)
+        try config.text.checkFits(weightBytes: try LMLoader.weightBytes(dir), bitsPerParameter: 8, file: configURL.path)
         let state = try InternVLWeights.canonical(LMLoader.readSafeTensorsDir(dir))
         // Tie exactly when the checkpoint has no lm_head, which is what transformers ends up doing
         // whatever the (top-level or text) tie_word_embeddings flags say.

@@ -24,9 +24,13 @@ public struct InternVLImageProcessor: Sendable {
     /// when the file does not give a size.
     public init(preprocessorConfig url: URL, tileSize: Int) throws {
         self.init(tileSize: tileSize)
-        guard let obj = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as? [String: Any] else {
-            throw ModelError("\(url.path): not a JSON object")
+        let data: Data
+        do { data = try Data(contentsOf: url) } catch {
+            throw ModelError("\(url.path): cannot read (\(error.localizedDescription))")
         }
+        let json: Any
+        do { json = try parseJSON(data) } catch let e as ModelError { throw ModelError("\(url.path): \(e.message)") }
+        guard let obj = json as? [String: Any] else { throw ModelError("\(url.path): not a JSON object") }
         if let size = obj["size"] as? [String: Any] {
             guard let h = size["height"] as? Int, let w = size["width"] as? Int, h == w else {
                 throw ModelError("\(url.path): size must be square {height, width}, got \(size)")
@@ -41,6 +45,11 @@ public struct InternVLImageProcessor: Sendable {
         if let s = obj["image_std"] as? [Double] { std = s.map(Float.init) }
         if let r = obj["resample"] as? Int, r != 3 {
             throw ModelError("\(url.path): resample \(r) is not supported (InternVL uses 3, bicubic)")
+        }
+        do {
+            try InternVLConfig.checkTiling(tileSize: tileSize, minTiles: minTiles, maxTiles: maxTiles)
+        } catch let e as ModelError {
+            throw ModelError("\(url.path): \(e.message)")
         }
     }
 

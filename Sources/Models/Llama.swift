@@ -75,6 +75,7 @@ public struct LlamaConfig: Codable, Sendable {
         if let kind = scaling?.ropeType, kind != "default" {
             throw ModelError("rope scaling type '\(kind)' is not supported")
         }
+        try validate()
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -189,7 +190,9 @@ public final class LlamaAttention: Module {
         q_proj = try Linear(c.hiddenSize, heads * headDim, bias: c.qkvBias, initialize: false)
         k_proj = try Linear(c.hiddenSize, kvHeads * headDim, bias: c.qkvBias, initialize: false)
         v_proj = try Linear(c.hiddenSize, kvHeads * headDim, bias: c.qkvBias, initialize: false)
-        o_proj = try Linear(heads * headDim, c.hiddenSize, bias: false, initialize: false)
+        // transformers' LlamaAttention biases o_proj too when attention_bias is set; Qwen2 never does.
+        o_proj = try Linear(heads * headDim, c.hiddenSize, bias: c.attentionBias == true && c.modelType != "qwen2",
+                            initialize: false)
         super.init()
         register("q_proj", q_proj)
         register("k_proj", k_proj)

@@ -42,19 +42,21 @@ public enum LMLoader {
     /// The network alone (config.json + safetensors), e.g. for checkpoints without a tokenizer.
     public static func loadHFModel(_ dir: URL) throws -> LlamaForCausalLM {
         let configURL = dir.appendingPathComponent("config.json")
-        let config: LlamaConfig
-        do {
-            config = try JSONDecoder().decode(LlamaConfig.self, from: Data(contentsOf: configURL))
-        } catch let e as ModelError {
-            throw ModelError("\(configURL.path): \(e.message)")
-        } catch {
-            throw ModelError("\(configURL.path): cannot read a Llama/Qwen2 config (\(error))")
+        let data: Data
+        do { data = try Data(contentsOf: configURL) } catch {
+            throw ModelError("\(configURL.path): cannot read (\(error.localizedDescription))")
         }
+        let config = try LlamaConfig.decode(data, url: configURL)
         guard ["llama", "qwen2", "mistral"].contains(config.modelType) else {
             throw ModelError("\(configURL.path): model_type '\(config.modelType)' is not a Llama-family language model")
         }
+        try config.checkFits(weightBytes: try weightBytes(dir), bitsPerParameter: 8, file: configURL.path)
         let model = try LlamaForCausalLM(config)
         let state = try readSafeTensorsDir(dir)
+        // Integer data would be cast into the float parameters without a word.
+        if let (name, t) = state.first(where: { !$0.value.dtype.isFloatingPoint }) {
+            throw ModelError("\(dir.path): weights do not match the config: '\(name)' is \(t.dtype), not floating point")
+        }
         let report = try model.load(state, strict: false)
         // A tied checkpoint may still carry lm_head.weight; anything else unexpected is an error.
         let unexpected = report.unexpected.filter { !(config.tieWordEmbeddings && $0 == "lm_head.weight") && !$0.hasSuffix("rotary_emb.inv_freq") }
@@ -68,24 +70,54 @@ public enum LMLoader {
 
     /// Tensors of `model.safetensors` or of every shard named by `model.safetensors.index.json`.
     public static func readSafeTensorsDir(_ dir: URL) throws -> [String: Tensor] {
-        let index = dir.appendingPathComponent("model.safetensors.index.json")
-        var files: [URL]
-        if FileManager.default.fileExists(atPath: index.path) {
-            struct Index: Decodable { let weight_map: [String: String] }
-            let idx: Index
-            do { idx = try JSONDecoder().decode(Index.self, from: Data(contentsOf: index)) } catch {
-                throw ModelError("\(index.path): not a safetensors index (\(error))")
-            }
-            files = Set(idx.weight_map.values).sorted().map { dir.appendingPathComponent($0) }
-        } else {
-            files = [dir.appendingPathComponent("model.safetensors")]
-        }
         var state: [String: Tensor] = [:]
-        for f in files {
-            guard FileManager.default.fileExists(atPath: f.path) else { throw ModelError("\(f.path): weights file missing") }
+        for f in try weightFiles(dir) {
             for (k, v) in try SafeTensorsFile(url: f).tensors(as: .float32) { state[k] = v }
         }
         return state
+    }
+
+    /// `model.safetensors`, or every shard that `model.safetensors.index.json` names; all must exist.
+    public static func weightFiles(_ dir: URL) throws -> [URL] {
+        let index = dir.appendingPathComponent("model.safetensors.index.json")
+        guard FileManager.default.fileExists(atPath: index.path) else {
+            let single = dir.appendingPathComponent("model.safetensors")
+            guard FileManager.default.fileExists(atPath: single.path) else {
+                throw ModelError("\(single.path): weights file missing")
+            }
+            return [single]
+        }
+        struct Index: Decodable { let weight_map: [String: String] }
+        let idx: Index
+        do { idx = try JSONDecoder().decode(Index.self, from: Data(contentsOf: index)) } catch {
+            throw ModelError("\(index.path): not a safetensors index (\(error))")
+        }
+        var files: [URL] = []
+        for name in Set(idx.weight_map.values).sorted() {
+            // Shards live beside the index; a path that leaves the folder is not a shard name.
+            guard !name.isEmpty, !name.contains("/"), name != "..", name != "." else {
+                throw ModelError("\(index.path): weight_map names '\(name)', which is not a file in this folder")
+            }
+            let f = dir.appendingPathComponent(name)
+            guard FileManager.default.fileExists(atPath: f.path) else {
+                throw ModelError("\(index.path): names shard \(name), but \(f.path) is missing")
+            }
+            files.append(f)
+        }
+        return files
+    }
+
+    /// Total size of `weightFiles(dir)`.
+    static func weightBytes(_ dir: URL) throws -> Int {
+        try weightFiles(dir).reduce(0) { $0 + (try fileSize($1)) }
+    }
+
+    static func fileSize(_ url: URL) throws -> Int {
+        do {
+            return (try FileManager.default.attributesOfItem(atPath: url.path)[.size] as? NSNumber)?.intValue ?? 0
+        } catch {
+            throw ModelError("\(url.path): cannot read (\(error.localizedDescription))")
+        }
     }
 
     // MARK: GGUF
@@ -96,6 +128,9 @@ public enum LMLoader {
         guard ["llama", "qwen2"].contains(config.modelType) else {
             throw ModelError("\(url.path): GGUF architecture '\(config.modelType)' is not supported (llama, qwen2)")
         }
+        do { try config.validate() } catch let e as ModelError { throw ModelError("\(url.path): GGUF metadata: \(e.message)") }
+        // The smallest ggml type stores 1.125 bits per weight (Q1_0).
+        try config.checkFits(weightBytes: try fileSize(url), bitsPerParameter: 1, file: url.path)
         let model = try LlamaForCausalLM(config)
         let permuteQK = config.modelType == "llama"
         try noGrad {

@@ -43,7 +43,7 @@ public struct Qwen25VLConfig: Sendable {
     /// Reads both config.json forms: the flat one of the Hub checkpoints (text fields at the
     /// root, `rope_scaling: {type: mrope}`) and transformers 5's nested `text_config`.
     public init(json data: Data) throws {
-        guard let root = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+        guard let root = try parseJSON(data) as? [String: Any] else {
             throw ModelError("config is not a JSON object")
         }
         var text = root["text_config"] as? [String: Any] ?? root
@@ -55,6 +55,7 @@ public struct Qwen25VLConfig: Sendable {
             throw ModelError("config has no mrope_section")
         }
         mropeSection = section
+        for s in section { try ConfigLimits.check("mrope_section entry", s, 0...4096) }
         // LlamaConfig rejects non-default rope types; M-RoPE is handled here, so hand it only the theta.
         let theta = (text["rope_theta"] as? NSNumber)?.doubleValue ?? (rope["rope_theta"] as? NSNumber)?.doubleValue ?? 1_000_000
         text["rope_theta"] = theta
@@ -91,6 +92,7 @@ public struct Qwen25VLConfig: Sendable {
         vision.fullAttentionBlocks = (v["fullatt_block_indexes"] as? [NSNumber])?.map(\.intValue) ?? vision.fullAttentionBlocks
         vision.hiddenAct = v["hidden_act"] as? String ?? "silu"
         vision.ropeTheta = ((v["rope_parameters"] as? [String: Any])?["rope_theta"] as? NSNumber)?.doubleValue ?? 10_000
+        try vision.validate(mropeSection: section)
         guard vision.windowMergedTokens > 0, vision.hiddenSize % vision.numHeads == 0, vision.headDim % 4 == 0 else {
             throw ModelError("vision_config is inconsistent (window \(vision.windowSize), heads \(vision.numHeads))")
         }
@@ -412,7 +414,7 @@ public struct Qwen25VLImageProcessor: Sendable {
 
     /// preprocessor_config.json; top-level min/max_pixels win over `size`, as in HF.
     public init(json data: Data) throws {
-        guard let d = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+        guard let d = try parseJSON(data) as? [String: Any] else {
             throw ModelError("preprocessor config is not a JSON object")
         }
         func int(_ k: String, _ dict: [String: Any]? = nil) -> Int? { ((dict ?? d)[k] as? NSNumber)?.intValue }
@@ -424,6 +426,7 @@ public struct Qwen25VLImageProcessor: Sendable {
         mergeSize = int("merge_size") ?? mergeSize
         if let m = d["image_mean"] as? [NSNumber] { mean = m.map(\.floatValue) }
         if let s = d["image_std"] as? [NSNumber] { std = s.map(\.floatValue) }
+        try validate()
     }
 
     /// Output (height, width): multiples of `factor`, aspect kept, pixel count within bounds.
@@ -495,10 +498,12 @@ public final class Qwen25VL: VisionLanguageModel, ChatTemplated {
     /// tokenizer.json, preprocessor_config.json (HF's defaults when absent).
     public static func load(_ dir: URL) throws -> Qwen25VL {
         let configURL = dir.appendingPathComponent("config.json")
-        let config: Qwen25VLConfig
-        do { config = try Qwen25VLConfig(json: Data(contentsOf: configURL)) } catch {
-            throw ModelError("\(configURL.path): \(error)")
+        let data: Data
+        do { data = try Data(contentsOf: configURL) } catch {
+            throw ModelError("\(configURL.path): cannot read (\(error.localizedDescription))")
         }
+        let config = try Qwen25VLConfig.decode(data, url: configURL)
+        try config.text.checkFits(weightBytes: try LMLoader.weightBytes(dir), bitsPerParameter: 8, file: configURL.path)
         let model = try Qwen2_5_VLForConditionalGeneration(config)
         var state: [String: Tensor] = [:]
         for (k, v) in try LMLoader.readSafeTensorsDir(dir) { state[Qwen2_5_VLForConditionalGeneration.currentName(k)] = v }
@@ -511,8 +516,12 @@ public final class Qwen25VL: VisionLanguageModel, ChatTemplated {
         }
         let tokenizer = try Tokenizer(tokenizerJSON: dir.appendingPathComponent("tokenizer.json"))
         let ppURL = dir.appendingPathComponent("preprocessor_config.json")
-        let processor = FileManager.default.fileExists(atPath: ppURL.path)
-            ? try Qwen25VLImageProcessor(json: Data(contentsOf: ppURL)) : Qwen25VLImageProcessor()
+        var processor = Qwen25VLImageProcessor()
+        if FileManager.default.fileExists(atPath: ppURL.path) {
+            do { processor = try Qwen25VLImageProcessor(json: Data(contentsOf: ppURL)) } catch {
+                throw ModelError("\(ppURL.path): \(error)")
+            }
+        }
         for (name, id) in [("<|image_pad|>", config.imageTokenId), ("<|vision_start|>", config.visionStartTokenId)]
         where tokenizer.id(of: name) != id {
             throw ModelError("\(dir.path): tokenizer id of \(name) is \(tokenizer.id(of: name).map(String.init) ?? "none"), config says \(id)")

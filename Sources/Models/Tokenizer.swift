@@ -60,25 +60,59 @@ public final class Tokenizer: @unchecked Sendable {
 
     /// Loads an HF `tokenizer.json`. Special-token ids come from a sibling `tokenizer_config.json` when present.
     public convenience init(tokenizerJSON url: URL) throws {
-        let data = try Data(contentsOf: url)
-        guard let root = try JSONSerialization.jsonObject(with: data) as? [String: Any],
-            let model = root["model"] as? [String: Any]
-        else { throw TokenizerError.invalid("no model in \(url.path)") }
+        let data: Data
+        do {
+            data = try Data(contentsOf: url)
+        } catch {
+            throw TokenizerError.invalid("\(url.path): cannot read (\(error.localizedDescription))")
+        }
+        try self.init(tokenizerJSON: data, url: url)
+    }
+
+    /// Parses `tokenizer.json` bytes; `url` names the file in errors and locates `tokenizer_config.json`.
+    public convenience init(tokenizerJSON data: Data, url: URL) throws {
+        do {
+            try self.init(parsing: data, url: url)
+        } catch TokenizerError.invalid(let what) {
+            throw TokenizerError.invalid("\(url.path): \(what)")
+        } catch TokenizerError.unsupported(let what) {
+            throw TokenizerError.unsupported("\(url.path): \(what)")
+        }
+    }
+
+    private convenience init(parsing data: Data, url: URL) throws {
+        func invalid(_ what: String) -> TokenizerError { .invalid(what) }
+        let json: Any
+        do {
+            json = try JSONSerialization.jsonObject(with: data)
+        } catch {
+            let detail = (error as NSError).userInfo[NSDebugDescriptionErrorKey] as? String ?? "\(error)"
+            throw invalid("not valid JSON (truncated?): \(detail)")
+        }
+        guard let root = json as? [String: Any], let model = root["model"] as? [String: Any]
+        else { throw invalid("no model") }
         guard (model["type"] as? String ?? "BPE") == "BPE" else {
             throw TokenizerError.unsupported("model type \(model["type"] ?? "?")")
         }
         if model["byte_fallback"] as? Bool == true { throw TokenizerError.unsupported("byte_fallback") }
-        guard let vocab = model["vocab"] as? [String: Int] else { throw TokenizerError.invalid("model.vocab") }
+        guard let vocab = model["vocab"] as? [String: Int] else { throw invalid("model.vocab is not a map of token ids") }
+        guard vocab.values.allSatisfy({ $0 >= 0 }) else { throw invalid("model.vocab has a negative id") }
         let merges: [(String, String)] = try (model["merges"] as? [Any] ?? []).map { entry in
             if let s = entry as? String, let space = s.firstIndex(of: " ") {
                 return (String(s[..<space]), String(s[s.index(after: space)...]))
             }
             if let pair = entry as? [String], pair.count == 2 { return (pair[0], pair[1]) }
-            throw TokenizerError.invalid("merge \(entry)")
+            throw invalid("merge \(entry)")
         }
-        let added: [(content: String, id: Int, special: Bool)] = (root["added_tokens"] as? [[String: Any]] ?? []).compactMap {
+        let added: [(content: String, id: Int, special: Bool)] = try (root["added_tokens"] as? [[String: Any]] ?? []).compactMap {
             guard let content = $0["content"] as? String, let id = $0["id"] as? Int else { return nil }
+            guard id >= 0 else { throw invalid("added token id \(id) is negative") }
             return (content, id, $0["special"] as? Bool ?? false)
+        }
+        // Ids index dense tables, so one stray huge id would allocate for every id below it.
+        let maxId = max(vocab.values.max() ?? -1, added.map(\.id).max() ?? -1)
+        guard maxId < 2 * (vocab.count + added.count) + 1024 else {
+            throw invalid("token id \(maxId) is far beyond the \(vocab.count + added.count) tokens listed")
         }
         let splits = try Tokenizer.parsePreTokenizer(root["pre_tokenizer"])
         let nfc = try Tokenizer.parseNormalizer(root["normalizer"])

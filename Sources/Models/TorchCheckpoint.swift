@@ -172,10 +172,26 @@ public enum TorchCheckpoint {
         } catch {
             throw TorchCheckpointError(file: url.path, "cannot read: \(error.localizedDescription)")
         }
+        return try load(data: data, url: url)
+    }
+
+    /// Parses checkpoint bytes; `url` only names the file in errors.
+    public static func load(data: Data, url: URL) throws -> [String: TorchTensorData] {
         let reader = TorchCheckpointReader(url: url, data: data)
         let isZip = data.count >= 4 && data.prefix(4).elementsEqual([0x50, 0x4b, 0x03, 0x04])
         let (root, storages) = try isZip ? reader.loadZip() : reader.loadLegacy()
         return try reader.stateDict(root, storages)
+    }
+
+    /// Runs the pickle VM alone over a bare `data.pkl` stream, every storage empty; the fuzzing
+    /// entry point for the VM, which otherwise sits behind the zip or legacy framing.
+    public static func checkPickle(data: Data, url: URL) throws -> Int {
+        let reader = TorchCheckpointReader(url: url, data: data)
+        var pos = 0
+        var keys: Set<String> = []
+        let root = try reader.unpickle(at: &pos) { keys.insert($0.key) }
+        let storages = Dictionary(uniqueKeysWithValues: keys.map { ($0, Data()) })
+        return try reader.stateDict(root, storages).count
     }
 }
 
@@ -253,7 +269,8 @@ struct TorchCheckpointReader {
         for (key, ref) in referenced {
             guard let entry = zip.entries[prefix + "data/" + key] else { throw fail("storage '\(key)' missing from the archive") }
             let range = try zip.range(of: entry)
-            guard range.count == ref.numel * ref.dtype.elementSize else {
+            let (bytes, overflow) = ref.numel.multipliedReportingOverflow(by: ref.dtype.elementSize)
+            guard !overflow, range.count == bytes else {
                 throw fail("storage '\(key)' has \(range.count) bytes, expected \(ref.numel) \(ref.dtype) elements")
             }
             storages[key] = data.withUnsafeBytes { Data($0[range]) }
@@ -286,7 +303,17 @@ struct TorchCheckpointReader {
               t.shape.allSatisfy({ $0 >= 0 }), t.strides.allSatisfy({ $0 >= 0 }) else {
             throw fail("tensor '\(name)': invalid shape \(t.shape) / strides \(t.strides) / offset \(t.offset)")
         }
-        guard !t.shape.contains(0) else { return }
+        var count = 1
+        for size in t.shape {
+            let (product, overflow) = count.multipliedReportingOverflow(by: size)
+            guard !overflow else { throw fail("tensor '\(name)': shape \(t.shape) has too many elements") }
+            count = product
+        }
+        // Zero or overlapping strides could make a few stored bytes expand into terabytes.
+        guard count <= storageElements else {
+            throw fail("tensor '\(name)': shape \(t.shape) has \(count) elements but its storage only \(storageElements) (overlapping views are refused)")
+        }
+        guard count > 0 else { return }
         var last = t.offset
         for (size, stride) in zip(t.shape, t.strides) {
             let (span, o1) = (size - 1).multipliedReportingOverflow(by: stride)
@@ -339,16 +366,20 @@ struct ZipDirectory {
             let locator = eocd - 20
             guard locator >= 0, u32(locator) == 0x0706_4b50 else { throw fail("corrupt zip: zip64 locator missing") }
             let record = Int(truncatingIfNeeded: u64(locator + 8))
-            guard record >= 0, record + 56 <= data.count, u32(record) == 0x0606_4b50 else {
+            guard record >= 0, record <= data.count - 56, u32(record) == 0x0606_4b50 else {
                 throw fail("truncated zip: zip64 end-of-central-directory record missing")
             }
             count = Int(truncatingIfNeeded: u64(record + 32))
             directoryOffset = Int(truncatingIfNeeded: u64(record + 48))
         }
 
+        // Every entry takes at least 46 bytes, so a larger count is corrupt, not a big archive.
+        guard count >= 0, count <= data.count / 46, directoryOffset >= 0 else {
+            throw fail("corrupt zip: central directory claims \(count) entries at offset \(directoryOffset)")
+        }
         var p = directoryOffset
         for _ in 0..<count {
-            guard p >= 0, p + 46 <= data.count, u32(p) == 0x0201_4b50 else {
+            guard p >= 0, p <= data.count - 46, u32(p) == 0x0201_4b50 else {
                 throw fail("truncated zip: central directory entry at offset \(p) is damaged")
             }
             let nameLength = Int(u16(p + 28)), extraLength = Int(u16(p + 30)), commentLength = Int(u16(p + 32))
@@ -384,12 +415,12 @@ struct ZipDirectory {
             throw fail("zip entry '\(entry.name)' is compressed (method \(entry.method)); only stored entries are supported")
         }
         let h = entry.headerOffset
-        guard h >= 0, h + 30 <= data.count, u32(h) == 0x0403_4b50 else {
+        guard h >= 0, h <= data.count - 30, u32(h) == 0x0403_4b50 else {
             throw fail("truncated zip: local header of '\(entry.name)' at offset \(h) is damaged")
         }
         let start = h + 30 + Int(u16(h + 26)) + Int(u16(h + 28))
-        guard entry.size >= 0, start + entry.size <= data.count else {
-            throw fail("truncated zip: '\(entry.name)' needs bytes up to \(start + entry.size), file has \(data.count)")
+        guard entry.size >= 0, start <= data.count, entry.size <= data.count - start else {
+            throw fail("truncated zip: '\(entry.name)' needs \(entry.size) bytes from offset \(start), file has \(data.count)")
         }
         return start..<(start + entry.size)
     }
@@ -425,9 +456,20 @@ enum PickleGlobal: Equatable {
     }
 }
 
-final class PickleList { var items: [PickleValue] = [] }
+/// Deeper than any checkpoint nests; it bounds the recursion that freeing a value takes, so a
+/// million-deep pickled tuple is refused instead of overflowing the stack when it is released.
+let pickleMaxDepth = 100
 
-final class PickleDict {
+/// Lists and dicts may only grow while on the stack top, before anything contains them (which is
+/// how pickle writes a tree); this keeps recorded depths exact and makes cycles impossible.
+class PickleContainer {
+    var depth = 1
+    var nested = false
+}
+
+final class PickleList: PickleContainer { var items: [PickleValue] = [] }
+
+final class PickleDict: PickleContainer {
     enum Key: Hashable { case string(String), int(Int) }
     private(set) var items: [(key: PickleValue, value: PickleValue)] = []
     private var index: [Key: Int] = [:]
@@ -453,8 +495,25 @@ indirect enum PickleValue {
     case none, bool(Bool), int(Int), float(Double), string(String), bytes([UInt8])
     /// Little-endian two's complement, for integers wider than 64 bits (the legacy magic).
     case bigInt([UInt8])
-    case tuple([PickleValue]), list(PickleList), dict(PickleDict)
+    case tuple([PickleValue], depth: Int), list(PickleList), dict(PickleDict)
     case global(PickleGlobal), storage(PickledStorage), tensor(PickledTensor)
+
+    var depth: Int {
+        switch self {
+        case .tuple(_, let depth): depth
+        case .list(let l): l.depth
+        case .dict(let d): d.depth
+        default: 0
+        }
+    }
+
+    var container: PickleContainer? {
+        switch self {
+        case .list(let l): l
+        case .dict(let d): d
+        default: nil
+        }
+    }
 
     var describe: String {
         switch self {
@@ -500,13 +559,15 @@ struct PickleMachine {
             let op = try byte()
             switch op {
             case 0x80: _ = try byte()                                   // PROTO
-            case 0x95: _ = try take(8)                                  // FRAME: framing is irrelevant when all bytes are present
+            // FRAME: framing is irrelevant when all bytes are present. Skipped, not read: Swift 6.3's -O
+            // frees a discarded `Array(slice)` before copying into it (heap corruption, seen by ASan/valgrind).
+            case 0x95: try skip(8)
             case 0x2e:                                                  // STOP
                 guard stack.count == 1, marks.isEmpty else { throw fail("malformed pickle: STOP at offset \(at) with \(stack.count) values on the stack") }
                 return stack[0]
             case 0x7d: stack.append(.dict(PickleDict()))                     // EMPTY_DICT
             case 0x5d: stack.append(.list(PickleList()))                     // EMPTY_LIST
-            case 0x29: stack.append(.tuple([]))                         // EMPTY_TUPLE
+            case 0x29: stack.append(.tuple([], depth: 1))               // EMPTY_TUPLE
             case 0x28: marks.append(stack.count)                        // MARK
             case 0x4e: stack.append(.none)                              // NONE
             case 0x88: stack.append(.bool(true))                        // NEWTRUE
@@ -532,25 +593,25 @@ struct PickleMachine {
             case 0x68: stack.append(try recall(Int(try byte()), at))    // BINGET
             case 0x6a: stack.append(try recall(try length(4), at))      // LONG_BINGET
             case 0x30: _ = try pop(at)                                  // POP
-            case 0x31: _ = try popMark(at)                              // POP_MARK
+            case 0x31: try dropMark(at)                                 // POP_MARK
             case 0x32: stack.append(try top(at))                        // DUP
-            case 0x74: stack.append(.tuple(try popMark(at)))            // TUPLE
-            case 0x85: stack.append(.tuple(try pop(1, at)))             // TUPLE1
-            case 0x86: stack.append(.tuple(try pop(2, at)))             // TUPLE2
-            case 0x87: stack.append(.tuple(try pop(3, at)))             // TUPLE3
+            case 0x74: stack.append(try tuple(try popMark(at), at))     // TUPLE
+            case 0x85: stack.append(try tuple(try pop(1, at), at))      // TUPLE1
+            case 0x86: stack.append(try tuple(try pop(2, at), at))      // TUPLE2
+            case 0x87: stack.append(try tuple(try pop(3, at), at))      // TUPLE3
             case 0x61:                                                  // APPEND
-                let item = try pop(at)
-                try list(at).items.append(item)
+                let items = [try pop(at)]
+                try grow(try list(at), with: items, at).items.append(contentsOf: items)
             case 0x65:                                                  // APPENDS
                 let items = try popMark(at)
-                try list(at).items.append(contentsOf: items)
+                try grow(try list(at), with: items, at).items.append(contentsOf: items)
             case 0x73:                                                  // SETITEM
                 let pair = try pop(2, at)
-                try dict(at).set(pair[0], pair[1])
+                try grow(try dict(at), with: pair, at).set(pair[0], pair[1])
             case 0x75:                                                  // SETITEMS
                 let items = try popMark(at)
                 guard items.count % 2 == 0 else { throw fail("malformed pickle: odd SETITEMS at offset \(at)") }
-                let target = try dict(at)
+                let target = try grow(try dict(at), with: items, at)
                 for i in stride(from: 0, to: items.count, by: 2) { target.set(items[i], items[i + 1]) }
             case 0x63:                                                  // GLOBAL
                 let module = try line(), name = try line()
@@ -563,15 +624,17 @@ struct PickleMachine {
                 stack.append(.global(try global(module, name, at)))
             case 0x52, 0x81:                                            // REDUCE, NEWOBJ
                 let args = try pop(at), callable = try pop(at)
-                guard case .global(let g) = callable, case .tuple(let a) = args else {
+                guard case .global(let g) = callable, case .tuple(let a, _) = args else {
                     throw fail("malformed pickle: cannot call \(callable.describe) at offset \(at)")
                 }
                 stack.append(try call(g, a, at))
             case 0x62:                                                  // BUILD
-                // Only attribute state reaches here (e.g. a state dict's `_metadata`); it carries
-                // no tensor data, so it is dropped rather than applied.
+                // Only a state dict's attributes (`_metadata`) legitimately reach here; they carry
+                // no tensor data, so they are dropped rather than applied.
                 _ = try pop(at)
-                _ = try top(at)
+                guard case .dict = try top(at) else {
+                    throw fail("refused: BUILD on a \(try top(at).describe) at offset \(at) (only a state dict may take attributes)")
+                }
             case 0x51:                                                  // BINPERSID
                 stack.append(try persistentLoad(try pop(at), at))
             default:
@@ -611,7 +674,7 @@ struct PickleMachine {
     /// Torch's persistent id for storages: ('storage', storage_class, key, location, numel[, view_metadata]).
     private func persistentLoad(_ pid: PickleValue, _ at: Int) throws -> PickleValue {
         guard let onStorage else { throw fail("unexpected persistent id at offset \(at)") }
-        guard case .tuple(let t) = pid, t.count == 5 || t.count == 6, case .string("storage") = t[0],
+        guard case .tuple(let t, _) = pid, t.count == 5 || t.count == 6, case .string("storage") = t[0],
               case .global(.storageClass(let dtype)) = t[1], case .int(let numel) = t[4] else {
             throw fail("unsupported persistent id at offset \(at)")
         }
@@ -630,13 +693,41 @@ struct PickleMachine {
     }
 
     private func ints(_ value: PickleValue) -> [Int]? {
-        guard case .tuple(let items) = value else { return nil }
+        guard case .tuple(let items, _) = value else { return nil }
         var out: [Int] = []
         for item in items {
             guard case .int(let i) = item else { return nil }
             out.append(i)
         }
         return out
+    }
+
+    // Nesting
+
+    private func tuple(_ items: [PickleValue], _ at: Int) throws -> PickleValue {
+        .tuple(items, depth: try nest(items, below: 1, at))
+    }
+
+    /// Checks that `target` may take `items`, records its new depth and returns it.
+    private func grow<C: PickleContainer>(_ target: C, with items: [PickleValue], _ at: Int) throws -> C {
+        guard !target.nested, !items.contains(where: { $0.container === target }) else {
+            throw fail("refused: pickle adds to a container that is already nested (a recursive structure) at offset \(at)")
+        }
+        target.depth = try nest(items, below: target.depth, at)
+        return target
+    }
+
+    /// The depth of a container at `depth` that takes `items`; marks them as nested.
+    private func nest(_ items: [PickleValue], below depth: Int, _ at: Int) throws -> Int {
+        var result = depth
+        for item in items {
+            result = max(result, item.depth + 1)
+            item.container?.nested = true
+        }
+        guard result <= pickleMaxDepth else {
+            throw fail("refused: pickle nests deeper than \(pickleMaxDepth) levels at offset \(at)")
+        }
+        return result
     }
 
     // Stack helpers
@@ -656,6 +747,11 @@ struct PickleMachine {
         guard let mark = marks.popLast() else { throw fail("malformed pickle: no MARK for opcode at offset \(at)") }
         defer { stack.removeSubrange(mark...) }
         return Array(stack[mark...])
+    }
+
+    private mutating func dropMark(_ at: Int) throws {
+        guard let mark = marks.popLast() else { throw fail("malformed pickle: no MARK for opcode at offset \(at)") }
+        stack.removeSubrange(mark...)
     }
 
     private func top(_ at: Int) throws -> PickleValue {
@@ -686,6 +782,13 @@ struct PickleMachine {
         }
         defer { pos += n }
         return Array(bytes[pos..<(pos + n)])
+    }
+
+    private mutating func skip(_ n: Int) throws {
+        guard n <= bytes.count - pos else {
+            throw fail("truncated: pickle needs \(n) bytes at offset \(pos) but the file has \(bytes.count)")
+        }
+        pos += n
     }
 
     private mutating func byte() throws -> UInt8 {

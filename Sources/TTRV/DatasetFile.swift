@@ -53,6 +53,15 @@ public enum DatasetFile {
         } catch {
             throw fail(nil, "cannot read file (\(error.localizedDescription))")
         }
+        return try load(data: data, url: url)
+    }
+
+    /// Parses dataset bytes; `url` names the file in errors and anchors relative image paths.
+    public static func load(data: Data, url: URL) throws -> [DatasetItem] {
+        let file = url.path
+        func fail(_ location: String?, _ message: String) -> DatasetFileError {
+            DatasetFileError(file: file, location: location, message: message)
+        }
         guard let text = String(data: data, encoding: .utf8) else {
             throw fail(nil, "not UTF-8 text")
         }
@@ -113,9 +122,30 @@ public enum DatasetFile {
         let imagePath = path.map { p in
             p.hasPrefix("/") ? URL(fileURLWithPath: p) : folder.appendingPathComponent(p)
         }
+        let options = parseOptions(prompt)
+        try checkOptions(prompt, options, answer: answer)
         return DatasetItem(
             id: id, prompt: prompt, imagePath: imagePath?.standardizedFileURL, answer: answer,
-            options: parseOptions(prompt))
+            options: options)
+    }
+
+    /// A prompt that announces options must list them, and a labelled row's answer must be one of
+    /// them (its letter or its text); otherwise every reply would be scored against nothing.
+    private static func checkOptions(_ prompt: String, _ options: [String]?, answer: String?) throws {
+        guard let options else {
+            if let header = optionsHeader(prompt) {
+                throw RowError(text: "the prompt has an \"\(header)\" line but lists fewer than two options "
+                    + "after it (expected lines such as \"A. cat\")")
+            }
+            return
+        }
+        guard let answer else { return }
+        let letters = optionLetters(count: options.count)
+        let trimmed = answer.trimmingCharacters(in: .whitespaces)
+        guard letters.contains(trimmed.uppercased()) || options.contains(trimmed) else {
+            throw RowError(text: "answer \"\(answer)\" is neither an option letter "
+                + "(\(letters.first ?? "A")–\(letters.last ?? "A")) nor the text of an option")
+        }
     }
 
     private static func promptText(_ value: Any?) throws -> String {
@@ -178,10 +208,7 @@ public enum DatasetFile {
 /// letter; nil unless at least two options were found.
 public func parseOptions(_ prompt: String) -> [String]? {
     let lines = prompt.components(separatedBy: "\n")
-    guard let header = lines.lastIndex(where: {
-        let s = $0.trimmingCharacters(in: .whitespaces)
-        return s.hasSuffix("Options:") || s.hasSuffix("Choices:")
-    }) else { return nil }
+    guard let header = lines.lastIndex(where: { optionsHeader(line: $0) != nil }) else { return nil }
 
     var options: [String] = []
     for line in lines[(header + 1)...] {
@@ -195,4 +222,14 @@ public func parseOptions(_ prompt: String) -> [String]? {
         options.append(text)
     }
     return options.count >= 2 ? options : nil
+}
+
+/// "Options:" or "Choices:" when some line of `prompt` ends with it.
+func optionsHeader(_ prompt: String) -> String? {
+    prompt.components(separatedBy: "\n").lazy.compactMap { optionsHeader(line: $0) }.first
+}
+
+private func optionsHeader(line: String) -> String? {
+    let s = line.trimmingCharacters(in: .whitespaces)
+    return ["Options:", "Choices:"].first { s.hasSuffix($0) }
 }

@@ -65,6 +65,13 @@ public final class SafeTensorsFile: Sendable {
         (entries, metadata) = try Self.parse(data, url)
     }
 
+    /// Parses bytes already in memory; `url` only names the file in errors.
+    public init(data: Data, url: URL) throws {
+        self.url = url
+        self.data = data
+        (entries, metadata) = try Self.parse(data, url)
+    }
+
     public func withBytes<R>(_ name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         guard let entry = entries[name] else {
             throw SafeTensorsError(url, "no tensor named '\(name)'")
@@ -120,6 +127,10 @@ public final class SafeTensorsFile: Sendable {
             guard let offsets = intArray(info["data_offsets"]), offsets.count == 2,
                   offsets[0] >= 0, offsets[0] <= offsets[1] else {
                 throw bad("data_offsets must be [begin, end] with 0 <= begin <= end")
+            }
+            // Checked here, before any offset is added to the buffer start.
+            guard offsets[1] <= bufferSize else {
+                throw bad("data_offsets end at byte \(offsets[1]) but only \(bufferSize) data bytes follow the header (truncated?)")
             }
             let (count, overflow) = shape.reduce((1, false)) { acc, dim in
                 let product = acc.0.multipliedReportingOverflow(by: dim)

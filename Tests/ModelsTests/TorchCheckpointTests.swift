@@ -183,7 +183,7 @@ final class TorchCheckpointTests: XCTestCase {
         var pos = 0
         let value = try TorchCheckpointReader(url: url, data: Data(bytes)).unpickle(at: &pos)
         XCTAssertEqual(pos, bytes.count)
-        guard case .dict(let d) = value, case .list(let a)? = d[.string("a")], case .tuple(let b)? = d[.string("b")] else {
+        guard case .dict(let d) = value, case .list(let a)? = d[.string("a")], case .tuple(let b, _)? = d[.string("b")] else {
             return XCTFail("unexpected structure \(value.describe)")
         }
         let rendered = a.items.map { item -> String in

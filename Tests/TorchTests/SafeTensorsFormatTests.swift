@@ -155,6 +155,13 @@ final class SafeTensorsFormatTests: XCTestCase {
         assertThrows(try SafeTensorsFile(url: url), mentioning: ["huge.safetensors", "header length"])
     }
 
+    /// Offsets near 2^63 used to overflow when added to the data section's start.
+    func testOffsetsNearIntMaxAreRefused() throws {
+        let end = 9_223_372_036_854_775_800  // 8 × 1152921504606846975
+        let url = try craft(#"{"w":{"dtype":"F64","shape":[1152921504606846975],"data_offsets":[0,\#(end)]}}"#, data: [0])
+        assertThrows(try SafeTensorsFile(url: url), mentioning: ["crafted.safetensors", "'w'", "data_offsets", "\(end)"])
+    }
+
     func testOffsetsOutOfRange() throws {
         let gap = try craft(#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}"#, data: Array(repeating: 0, count: 16))
         assertThrows(try SafeTensorsFile(url: gap), mentioning: ["'w'", "data_offsets"])
