@@ -186,11 +186,3 @@ public final class Launcher {
     }
 }
 
-/// A value shared between threads.
-final class Locked<T>: @unchecked Sendable {
-    private var v: T
-    private let lock = NSLock()
-    init(_ v: T) { self.v = v }
-    var value: T { lock.lock(); defer { lock.unlock() }; return v }
-    func update(_ f: (inout T) -> Void) { lock.lock(); defer { lock.unlock() }; f(&v) }
-}

@@ -227,3 +227,12 @@ public final class Distributed: @unchecked Sendable {
         return counts.enumerated().map { r, n in Array(all[(r * width)..<(r * width + n)]) }
     }
 }
+
+/// A value shared between threads.
+public final class Locked<T>: @unchecked Sendable {
+    private var v: T
+    private let lock = NSLock()
+    public init(_ v: T) { self.v = v }
+    public var value: T { lock.lock(); defer { lock.unlock() }; return v }
+    public func update(_ f: (inout T) -> Void) { lock.lock(); defer { lock.unlock() }; f(&v) }
+}

@@ -36,6 +36,11 @@ struct RuntimeOptions: ParsableArguments {
     @Option(help: "Matrix products in bf16 (fp32 weights, optimiser and reductions) or fp32. Default: bf16 where the CPU multiplies bf16 natively.")
     var dtype: String?
 
+    /// For the start line of long-running commands.
+    var precisionLine: String {
+        "precision \(Precision.current.rawValue)" + (dtype == nil ? " (auto: the CPU \(Precision.cpuHasBF16 ? "has" : "lacks") native bf16)" : "")
+    }
+
     func apply() throws {
         let fromLauncher = ProcessInfo.processInfo.environment["OMP_NUM_THREADS"].flatMap { Int($0) }
         LibTorch.threads = threads ?? fromLauncher ?? ProcessInfo.processInfo.activeProcessorCount
@@ -45,7 +50,7 @@ struct RuntimeOptions: ParsableArguments {
         } else {
             Precision.current = Precision.cpuHasBF16 ? .bf16 : .fp32
         }
-        eprint("precision: \(Precision.current.rawValue)" + (dtype == nil ? " (auto: the CPU \(Precision.cpuHasBF16 ? "has" : "lacks") native bf16)" : ""))
+
     }
 }
 
@@ -288,7 +293,8 @@ struct Eval: ParsableCommand {
         let dist = try Distributed.fromEnvironment()
         let r = try Evaluator.run(vlm, dataset: ds, modelName: model, options: o, distributed: dist)
         guard dist.isMain else { return }
-        var line = String(format: "%@: accuracy %.4f on %d items (invalid %.3f), %.1f images/s", ds.name, r.accuracy, r.items, r.invalidShare, r.imagesPerSecond)
+        var line = String(format: "%@: accuracy %.4f on %d items (invalid %.3f), %.1f images/s, %@", ds.name, r.accuracy, r.items,
+                          r.invalidShare, r.imagesPerSecond, runtime.precisionLine)
         if let m = r.majAccuracy, let p = r.passAtN { line += String(format: ", maj@%d %.4f, pass@%d %.4f", votes, m, votes, p) }
         print(line)
         if let json { try writeJSON(r, to: URL(fileURLWithPath: json)) }
@@ -375,7 +381,7 @@ func parseParts(_ s: String) throws -> [ModelPart] {
     }
 }
 
-func runAdapt(_ a: AdaptArguments) throws -> AdaptReport {
+func runAdapt(_ a: AdaptArguments, precision: String) throws -> AdaptReport {
     let options = try a.options()
     let vlm = try ModelRegistry.load(a.model, chatTemplate: a.chatTemplate.map { URL(fileURLWithPath: $0) })
     let data = try Dataset.open(a.data, seed: a.seed)
@@ -387,7 +393,7 @@ func runAdapt(_ a: AdaptArguments) throws -> AdaptReport {
         eprint("adapt: \(options.mode.rawValue) mode, training \(adapter.trainedParts.map(\.rawValue).joined(separator: "+")) "
                + "(\(adapter.trainableCount) parameters), lr \(options.resolvedLR), advantage \(options.resolvedAdvantage.rawValue), "
                + "\(options.resolvedMiniBatch) prompt(s) per update"
-               + (dist.worldSize > 1 ? ", \(dist.worldSize) processes" : ""))
+               + (dist.worldSize > 1 ? ", \(dist.worldSize) processes" : "") + ", " + precision)
     }
     let r = try adapter.run(adaptData: data, evalData: evalData, modelName: a.model)
     guard dist.isMain else { return r }
@@ -404,7 +410,7 @@ struct Adapt: ParsableCommand {
     @OptionGroup var runtime: RuntimeOptions
     func run() throws {
         try runtime.apply()
-        _ = try runAdapt(args)
+        _ = try runAdapt(args, precision: runtime.precisionLine)
     }
 }
 
@@ -468,7 +474,7 @@ struct Demo: ParsableCommand {
         // the demo within its time budget on 2 cores.
         var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out])
         a.model = "default"
-        let r = try runAdapt(a)
+        let r = try runAdapt(a, precision: runtime.precisionLine)
         print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images; adapted on %d unlabelled images: %@%d RL steps)",
                      100 * r.accuracyBefore, 100 * r.accuracyAfter, r.evalItems, r.adaptItems,
                      r.visionNorm ? "vision batch-norm matching + " : "", r.steps))
