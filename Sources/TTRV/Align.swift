@@ -95,8 +95,13 @@ public enum Aligner {
         }
     }
 
+    /// With several processes (`ttrv launch`) each step's batch is drawn alike everywhere and split: every
+    /// process takes every worldSize-th item, gradients are averaged, and rank 0 alone writes the model.
     public static func run(_ vlm: ComposedVLM, train: Dataset, eval: Dataset, options: AlignOptions, out: URL,
-                           log: (String) -> Void) throws -> EvalReport {
+                           distributed: Distributed = .single, log: (String) -> Void) throws -> EvalReport {
+        guard options.batchSize % distributed.worldSize == 0 else {
+            throw DatasetError(message: "align: --batch-size \(options.batchSize) does not split over \(distributed.worldSize) processes")
+        }
         if options.prealignSteps > 0 { try prealign(vlm, train: train, options: options, log: log) }
         try vlm.module.freeze()
         for (_, t) in vlm.ownParameters { try t.requiresGrad(true) }
@@ -121,8 +126,10 @@ public enum Aligner {
                 cursor += 1
             }
             opt.lr = options.lr * schedule.factor(at: step)
-            let l = try withGrad { try loss(vlm, items: batch, target: options.target) }
+            let mine = batch.indices.filter { $0 % distributed.worldSize == distributed.rank }.map { batch[$0] }
+            let l = try withGrad { try loss(vlm, items: mine, target: options.target) }
             try l.backward()
+            if distributed.worldSize > 1 { try distributed.allreduceMean(params.map { try $0.ensureGrad() }) }
             let norm = try clipGradNorm(params, maxNorm: 1.0)
             if norm.isFinite { try opt.step() }
             try opt.zeroGrad()
@@ -130,9 +137,12 @@ public enum Aligner {
             if recent.count > 20 { recent.removeFirst() }
             progress.update(step + 1, String(format: "loss %.4f lr %.1e", recent.reduce(0, +) / Double(recent.count), opt.lr))
             if (step + 1) % options.evalEvery == 0 || step + 1 == options.steps {
-                let r = try Evaluator.run(vlm, dataset: eval, modelName: "align step \(step + 1)", options: evalOptions, progressLabel: "held-out")
+                let r = try Evaluator.run(vlm, dataset: eval, modelName: "align step \(step + 1)", options: evalOptions,
+                                          progressLabel: "held-out", distributed: distributed)
                 log(String(format: "align step %d: held-out accuracy %.3f (invalid %.3f) on %d items", step + 1, r.accuracy, r.invalidShare, r.items))
-                try vlm.save(to: out, metadata: ["align_step": "\(step + 1)", "heldout_accuracy": String(format: "%.4f", r.accuracy)])
+                if distributed.isMain {
+                    try vlm.save(to: out, metadata: ["align_step": "\(step + 1)", "heldout_accuracy": String(format: "%.4f", r.accuracy)])
+                }
                 report = r
             }
         }

@@ -455,8 +455,10 @@ struct Align: ParsableCommand {
         guard let t = AlignTarget(rawValue: target) else { throw ValidationError("--target must be letter or option-text") }
         o.target = t
         let t0 = Date()
+        let dist = try Distributed.fromEnvironment()
         let r = try Aligner.run(vlm, train: try Dataset.open(data, seed: seed), eval: try Dataset.open(evalData, seed: seed), options: o,
-                                out: URL(fileURLWithPath: out), log: eprint)
+                                out: URL(fileURLWithPath: out), distributed: dist, log: dist.isMain ? eprint : { _ in })
+        guard dist.isMain else { return }
         print(String(format: "aligned in %.0f s: held-out accuracy %.4f on %d items; wrote %@", Date().timeIntervalSince(t0), r.accuracy, r.items, out))
     }
 }

@@ -344,3 +344,27 @@ final class DistributedAdaptTests: XCTestCase {
         XCTAssertEqual(try readJSON(AdaptReport.self, from: out.appendingPathComponent("report.json")).steps, 8)
     }
 }
+
+/// Data-parallel `align`: 2 processes × 2 items per step end where 1 process × 4 items does.
+final class DistributedAlignTests: XCTestCase {
+    func testTwoProcessesMatchOne() throws {
+        let tmp = tempDir("align")
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        let args = ["align", "--data", "fashion-mnist:train", "--eval-data", "fashion-mnist:test", "--steps", "2",
+                    "--batch-size", "4", "--eval-every", "2", "--eval-limit", "2", "--lora-rank", "2", "--lr", "1e-3"]
+        let one = tmp.appendingPathComponent("one"), two = tmp.appendingPathComponent("two")
+        let single = try Child(try builtTTRV(), args + ["--threads", "1", "--out", one.path])
+        XCTAssertTrue(single.wait(timeout: 300), "single align did not finish")
+        XCTAssertEqual(single.status, 0, single.output.value)
+        let launched = try Child(try builtTTRV(), ["launch", "--nproc", "2", "--threads", "1", "--timeout", "120", "--"]
+                                    + args + ["--out", two.path])
+        XCTAssertTrue(launched.wait(timeout: 300), "launched align did not finish")
+        XCTAssertEqual(launched.status, 0, launched.output.value)
+        let a = try SafeTensorsFile(url: one.appendingPathComponent("model.safetensors"))
+        let b = try SafeTensorsFile(url: two.appendingPathComponent("model.safetensors"))
+        XCTAssertEqual(a.names, b.names)
+        var worst = 0.0
+        for name in a.names { worst = max(worst, try (a.tensor(name) - b.tensor(name)).abs().max().item()) }
+        XCTAssertLessThan(worst, 1e-5, "largest parameter difference after 2 steps")
+    }
+}
