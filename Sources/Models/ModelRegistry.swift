@@ -31,7 +31,9 @@ public enum ModelRegistry {
 
     /// Renders `vlm`'s prompts with the template in `url` (keeping the checkpoint's special tokens).
     public static func useTemplate(_ url: URL, for vlm: VisionLanguageModel) throws {
-        guard let m = vlm as? ChatTemplated else { throw ModelError("\(url.path): this model does not take a chat template") }
+        guard let m = vlm as? ChatTemplated else {
+            throw ModelError("\(url.path): this model does not take a chat template")
+        }
         m.chatTemplate = try ChatTemplate.load(url, specialTokens: m.chatTemplate.specialTokens)
     }
 
@@ -42,7 +44,8 @@ public enum ModelRegistry {
         let dir = spec == "default" ? defaultModelDir : URL(fileURLWithPath: spec)
         let configURL = dir.appendingPathComponent("config.json")
         guard let data = FileManager.default.contents(atPath: configURL.path) else {
-            throw ModelError("\(configURL.path): missing (expected a model directory, a .gguf file, `default` or `default-lm`)")
+            throw ModelError(
+                "\(configURL.path): missing (expected a model directory, a .gguf file, `default` or `default-lm`)")
         }
         let type: String?
         do { type = try JSONDecoder().decode(ModelType.self, from: data).modelType } catch {

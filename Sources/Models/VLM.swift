@@ -79,7 +79,9 @@ extension VisionLanguageModel {
         guard !hasLoRA else { return }
         let added = try parts.language.addLoRA(rank: rank, alpha: alpha ?? Double(2 * rank), targets: defaultLoRATargets,
                                                generator: Generator(seed: seed))
-        guard added > 0 else { throw ModelError("LoRA: the language model has no linear layer named \(defaultLoRATargets.sorted())") }
+        guard added > 0 else {
+            throw ModelError("LoRA: the language model has no linear layer named \(defaultLoRATargets.sorted())")
+        }
     }
 
     /// The modules whose parameters `part` stands for.

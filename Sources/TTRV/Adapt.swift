@@ -231,7 +231,8 @@ public final class Adapter {
                               weightDecay: options.weightDecay)
         generator = TextGenerator(lm: vlm.lm, tokenizer: vlm.tokenizer, stopIds: vlm.stopIds)
         guard options.batchPrompts % distributed.worldSize == 0 else {
-            throw AdaptError.badOptions("--batch-prompts \(options.batchPrompts) does not split over \(distributed.worldSize) processes")
+            throw AdaptError.badOptions(
+                "--batch-prompts \(options.batchPrompts) does not split over \(distributed.worldSize) processes")
         }
         try distributed.broadcast(trainable.map(\.tensor), from: 0)
     }
@@ -245,7 +246,9 @@ public final class Adapter {
         let perEpoch = pool.count / options.batchPrompts
         var steps: [[Item]] = []
         for _ in 0..<options.epochs {
-            for s in 0..<perEpoch { steps.append(Array(pool[(s * options.batchPrompts)..<((s + 1) * options.batchPrompts)])) }
+            for s in 0..<perEpoch {
+                steps.append(Array(pool[(s * options.batchPrompts)..<((s + 1) * options.batchPrompts)]))
+            }
         }
         return steps
     }
@@ -261,7 +264,8 @@ public final class Adapter {
         let before = try evalBefore(evalData, modelName: modelName, options: evalOptions)
         let steps = Adapter.schedule(items: adaptData.items, options: options)
         guard !steps.isEmpty else {
-            throw AdaptError.badOptions("\(adaptData.name): \(options.adaptSamples) items make no batch of \(options.batchPrompts)")
+            throw AdaptError.badOptions(
+                "\(adaptData.name): \(options.adaptSamples) items make no batch of \(options.batchPrompts)")
         }
         if let composed { try matchVision(composed, adaptData) }
         reference = try copies(trainable.map(\.tensor))
@@ -334,7 +338,8 @@ public final class Adapter {
         guard distributed.worldSize > 1 else { return run }
         let flags = try Tensor([Double(run.completedSteps), run.stoppedEarly == nil ? 0 : 1, run.seconds])
         try distributed.broadcast([flags], from: 0)
-        try distributed.broadcast(trainable.map(\.tensor) + optimizer.state().sorted { $0.key < $1.key }.map(\.value), from: 0)
+        let optimizerState = optimizer.state().sorted { $0.key < $1.key }.map(\.value)
+        try distributed.broadcast(trainable.map(\.tensor) + optimizerState, from: 0)
         let v = try flags.doubles()
         var synced = run
         synced.completedSteps = Int(v[0])
@@ -357,7 +362,9 @@ public final class Adapter {
     func visionNormTarget() throws -> ComposedVLM? {
         let composed = vlm as? ComposedVLM
         guard options.visionNorm ?? (options.mode == .default && composed?.hasVisionSource == true) else { return nil }
-        guard let composed else { throw AdaptError.badOptions("--vision-norm needs a composed VLM (its vision encoder has batch norms)") }
+        guard let composed else {
+            throw AdaptError.badOptions("--vision-norm needs a composed VLM (its vision encoder has batch norms)")
+        }
         return composed
     }
 

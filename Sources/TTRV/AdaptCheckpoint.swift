@@ -65,7 +65,9 @@ extension Adapter {
         guard state.fingerprint == fingerprint else {
             throw AdaptError.checkpoint(out, "holds a run with other options or data; use another --out or delete it")
         }
-        guard let w = state.weights, let o = state.optimizer else { throw AdaptError.checkpoint(stateURL, "names no weights") }
+        guard let w = state.weights, let o = state.optimizer else {
+            throw AdaptError.checkpoint(stateURL, "names no weights")
+        }
         try restore(loadTrained(checkpointDir.appendingPathComponent(w)))
         do {
             try optimizer.loadState(SafeTensorsFile(url: checkpointDir.appendingPathComponent(o)).tensors())
@@ -84,7 +86,9 @@ extension Adapter {
         return try trainable.map { name, t in
             guard file.entries[name] != nil else { throw AdaptError.checkpoint(url, "no tensor \(name)") }
             let v = try file.tensor(name)
-            guard v.shape == t.shape else { throw AdaptError.checkpoint(url, "\(name) has shape \(v.shape), expected \(t.shape)") }
+            guard v.shape == t.shape else {
+                throw AdaptError.checkpoint(url, "\(name) has shape \(v.shape), expected \(t.shape)")
+            }
             return v
         }
     }
@@ -108,7 +112,8 @@ extension Adapter {
 
     /// adapted.safetensors: the trained tensors, with what `AdaptedWeights.apply` needs to rebuild the model.
     func saveAdapted(steps: Int) throws {
-        var meta = ["ttrv": "adapted", "steps": "\(steps)", "trained_parts": trainedParts.map(\.rawValue).joined(separator: ",")]
+        var meta = ["ttrv": "adapted", "steps": "\(steps)",
+                    "trained_parts": trainedParts.map(\.rawValue).joined(separator: ",")]
         if let lora = vlm.parts.language.namedModules().lazy.compactMap({ ($0.module as? Linear)?.lora }).first {
             meta["lora_rank"] = "\(lora.rank)"
             meta["lora_alpha"] = "\(lora.scale * Double(lora.rank))"
@@ -139,14 +144,19 @@ public enum AdaptedWeights {
         let params = Dictionary(uniqueKeysWithValues: vlm.module.namedParameters().map { ($0.name, $0.tensor) })
         try noGrad {
             for name in st.names {
-                guard let p = params[name] else { throw AdaptError.checkpoint(weights, "\(name) is not a parameter of this model") }
+                guard let p = params[name] else {
+                    throw AdaptError.checkpoint(weights, "\(name) is not a parameter of this model")
+                }
                 let v = try st.tensor(name)
-                guard v.shape == p.shape else { throw AdaptError.checkpoint(weights, "\(name) has shape \(v.shape), expected \(p.shape)") }
+                guard v.shape == p.shape else {
+                    throw AdaptError.checkpoint(weights, "\(name) has shape \(v.shape), expected \(p.shape)")
+                }
                 try p.copy_(v)
             }
         }
         var what = "\(st.names.count) tensors from \(weights.path)"
-        let corrections = (isDir.boolValue ? url : url.deletingLastPathComponent()).appendingPathComponent(visionCorrectionFile)
+        let runDir = isDir.boolValue ? url : url.deletingLastPathComponent()
+        let corrections = runDir.appendingPathComponent(visionCorrectionFile)
         if FileManager.default.fileExists(atPath: corrections.path) {
             guard let composed = vlm as? ComposedVLM else {
                 throw AdaptError.checkpoint(corrections, "vision corrections need a composed VLM")

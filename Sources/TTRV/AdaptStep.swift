@@ -234,7 +234,8 @@ extension Adapter {
                           majorityRatio: r.vote.majorityRatio, strictInvalid: r.strictInvalid,
                           entropy: r.vote.normalizedEntropy,
                           meanLength: Double(r.samples.reduce(0) { $0 + $1.tokens.count }) / Double(r.samples.count),
-                          majority: r.vote.majority, majorityCorrect: r.item.answer.map { _ in isCorrect(r.vote.majority, r.item) },
+                          majority: r.vote.majority,
+                          majorityCorrect: r.item.answer.map { _ in isCorrect(r.vote.majority, r.item) },
                           votes: VoteCount.histogram(r.vote.answers))
         }
         guard distributed.worldSize > 1 else { return mine }
