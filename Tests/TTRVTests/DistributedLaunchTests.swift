@@ -25,13 +25,8 @@ final class DistributedLaunchTests: XCTestCase {
         let eval = ["eval", "--model", model.path, "--data", data.path, "--max-tokens", "3", "--batch-size", "2",
                     "--votes", "2"]
         let one = tmp.appendingPathComponent("one.json"), two = tmp.appendingPathComponent("two.json")
-        let single = try Child(try ttrv(), eval + ["--threads", "1", "--json", one.path])
-        XCTAssertTrue(single.wait(timeout: 120), "single eval did not finish")
-        XCTAssertEqual(single.status, 0, single.output.value)
-        let launched = try Child(try ttrv(), ["launch", "--nproc", "2", "--threads", "1", "--timeout", "60", "--"]
-                                    + eval + ["--json", two.path])
-        XCTAssertTrue(launched.wait(timeout: 120), "launched eval did not finish")
-        XCTAssertEqual(launched.status, 0, launched.output.value)
+        let output = try runAloneAndLaunched(eval, single: ["--json", one.path], launched: ["--json", two.path],
+                                             launchTimeout: 60, wait: 120)
         let a = try JSONDecoder().decode(EvalReport.self, from: Data(contentsOf: one))
         let b = try JSONDecoder().decode(EvalReport.self, from: Data(contentsOf: two))
         XCTAssertEqual(b.predictions.map(\.id), (0..<7).map { "item\($0)" })
@@ -40,7 +35,7 @@ final class DistributedLaunchTests: XCTestCase {
         XCTAssertEqual(String(decoding: try enc.encode(a.predictions), as: UTF8.self),
                        String(decoding: try enc.encode(b.predictions), as: UTF8.self))
         XCTAssertEqual([a.accuracy, a.invalidShare, a.majAccuracy, a.passAtN], [b.accuracy, b.invalidShare, b.majAccuracy, b.passAtN])
-        XCTAssertTrue(launched.output.value.contains("[rank 1] [eval] 3/3"), launched.output.value)
+        XCTAssertTrue(output.contains("[rank 1] [eval] 3/3"), output)
     }
 
     func testPeerKilledMidCollectiveFailsTheOtherQuickly() throws {
@@ -187,6 +182,28 @@ final class DistributedLaunchTests: XCTestCase {
     }
 }
 
+/// Runs a ttrv command as one process (with `single` appended) and as a 2-process `ttrv launch` job (with
+/// `launched` appended); both must finish within `wait` seconds and succeed. Returns the job's output.
+@discardableResult
+func runAloneAndLaunched(_ args: [String], single: [String], launched: [String], launchTimeout: Int,
+                         wait: Double) throws -> String {
+    let one = try Child(try builtTTRV(), args + ["--threads", "1"] + single)
+    XCTAssertTrue(one.wait(timeout: wait), "\(args[0]) as one process did not finish")
+    XCTAssertEqual(one.status, 0, one.output.value)
+    let job = try Child(try builtTTRV(), ["launch", "--nproc", "2", "--threads", "1", "--timeout", "\(launchTimeout)", "--"]
+                        + args + launched)
+    XCTAssertTrue(job.wait(timeout: wait), "launched \(args[0]) did not finish")
+    XCTAssertEqual(job.status, 0, job.output.value)
+    return job.output.value
+}
+
+/// The largest absolute difference between the same-named tensors of two safetensors files.
+func largestDifference(_ a: URL, _ b: URL) throws -> Double {
+    let fa = try SafeTensorsFile(url: a), fb = try SafeTensorsFile(url: b)
+    XCTAssertEqual(fa.names, fb.names)
+    return try fa.names.reduce(0.0) { max($0, try (fa.tensor($1) - fb.tensor($1)).abs().max().item()) }
+}
+
 /// The ttrv binary next to this test bundle (`swift build --build-tests` builds both).
 func builtTTRV() throws -> String {
     let dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
@@ -280,11 +297,11 @@ final class DistributedAdaptTests: XCTestCase {
         return dst
     }
 
-    func adaptArguments(_ rows: URL, _ out: URL, model: URL, epochs: Int = 3) -> [String] {
+    func adaptArguments(_ rows: URL, model: URL, epochs: Int = 3) -> [String] {
         ["adapt", "--model", model.path, "--data", rows.path, "--mode", "reference",
          "--advantage", "batch", "--mini-batch-prompts", "4", "--adapt-samples", "4", "--batch-prompts", "4",
          "--epochs", "\(epochs)", "--votes", "8", "--train-samples", "8", "--max-new-tokens", "1", "--lr", "1e-3",
-         "--lora-rank", "2", "--eval-limit", "4", "--out", out.path]
+         "--lora-rank", "2", "--eval-limit", "4"]
     }
 
     func testTwoProcessesMatchOne() throws {
@@ -294,19 +311,11 @@ final class DistributedAdaptTests: XCTestCase {
         let rows = try writeResumeRows(tmp)
         let model = try sharpenedModel(in: tmp)
         let one = tmp.appendingPathComponent("one"), two = tmp.appendingPathComponent("two")
-        let single = try Child(try ttrv(), adaptArguments(rows, one, model: model) + ["--threads", "1"])
-        XCTAssertTrue(single.wait(timeout: 300), "single adapt did not finish")
-        XCTAssertEqual(single.status, 0, single.output.value)
-        let launched = try Child(try ttrv(), ["launch", "--nproc", "2", "--threads", "1", "--timeout", "120", "--"]
-                                    + adaptArguments(rows, two, model: model))
-        XCTAssertTrue(launched.wait(timeout: 300), "launched adapt did not finish")
-        XCTAssertEqual(launched.status, 0, launched.output.value)
-        let a = try SafeTensorsFile(url: one.appendingPathComponent("adapted.safetensors"))
-        let b = try SafeTensorsFile(url: two.appendingPathComponent("adapted.safetensors"))
-        XCTAssertEqual(a.names, b.names)
-        var worst = 0.0
-        for name in a.names { worst = max(worst, try (a.tensor(name) - b.tensor(name)).abs().max().item()) }
-        XCTAssertLessThan(worst, 1e-5, "largest parameter difference after 3 steps")
+        try runAloneAndLaunched(adaptArguments(rows, model: model), single: ["--out", one.path],
+                                launched: ["--out", two.path], launchTimeout: 120, wait: 300)
+        XCTAssertLessThan(try largestDifference(one.appendingPathComponent("adapted.safetensors"),
+                                                two.appendingPathComponent("adapted.safetensors")), 1e-5,
+                          "largest parameter difference after 3 steps")
         let la = try readJSON(AdaptReport.self, from: one.appendingPathComponent("report.json")).log
         let lb = try readJSON(AdaptReport.self, from: two.appendingPathComponent("report.json")).log
         XCTAssertEqual(la.count, 3)
@@ -317,7 +326,6 @@ final class DistributedAdaptTests: XCTestCase {
             XCTAssertEqual(x.gradNorm, y.gradNorm, accuracy: 1e-5 * max(1, x.gradNorm))
         }
         XCTAssertGreaterThan(la[0].gradNorm, 1, "the first step has a real policy gradient to reduce")
-        XCTAssertFalse(FileManager.default.fileExists(atPath: two.appendingPathComponent("rank1").path))
     }
 
     func testKilledWorkerStopsTheJobWhichResumes() throws {
@@ -327,7 +335,7 @@ final class DistributedAdaptTests: XCTestCase {
         let rows = try writeResumeRows(tmp)
         let out = tmp.appendingPathComponent("run")
         let args = ["launch", "--nproc", "2", "--threads", "1", "--timeout", "60", "--"]
-            + adaptArguments(rows, out, model: fixtureDir.appendingPathComponent("qwen25vl"), epochs: 8)
+            + adaptArguments(rows, model: fixtureDir.appendingPathComponent("qwen25vl"), epochs: 8) + ["--out", out.path]
         let first = try Child(try ttrv(), args)
         defer { first.kill() }
         XCTAssertTrue(first.waitFor("adapt] 2/8", timeout: 300), first.output.value)
@@ -353,18 +361,10 @@ final class DistributedAlignTests: XCTestCase {
         let args = ["align", "--data", "fashion-mnist:train", "--eval-data", "fashion-mnist:test", "--steps", "2",
                     "--batch-size", "4", "--eval-every", "2", "--eval-limit", "2", "--lora-rank", "2", "--lr", "1e-3"]
         let one = tmp.appendingPathComponent("one"), two = tmp.appendingPathComponent("two")
-        let single = try Child(try builtTTRV(), args + ["--threads", "1", "--out", one.path])
-        XCTAssertTrue(single.wait(timeout: 300), "single align did not finish")
-        XCTAssertEqual(single.status, 0, single.output.value)
-        let launched = try Child(try builtTTRV(), ["launch", "--nproc", "2", "--threads", "1", "--timeout", "120", "--"]
-                                    + args + ["--out", two.path])
-        XCTAssertTrue(launched.wait(timeout: 300), "launched align did not finish")
-        XCTAssertEqual(launched.status, 0, launched.output.value)
-        let a = try SafeTensorsFile(url: one.appendingPathComponent("model.safetensors"))
-        let b = try SafeTensorsFile(url: two.appendingPathComponent("model.safetensors"))
-        XCTAssertEqual(a.names, b.names)
-        var worst = 0.0
-        for name in a.names { worst = max(worst, try (a.tensor(name) - b.tensor(name)).abs().max().item()) }
-        XCTAssertLessThan(worst, 1e-5, "largest parameter difference after 2 steps")
+        try runAloneAndLaunched(args, single: ["--out", one.path], launched: ["--out", two.path], launchTimeout: 120,
+                                wait: 300)
+        XCTAssertLessThan(try largestDifference(one.appendingPathComponent("model.safetensors"),
+                                                two.appendingPathComponent("model.safetensors")), 1e-5,
+                          "largest parameter difference after 2 steps")
     }
 }
