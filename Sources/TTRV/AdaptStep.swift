@@ -127,10 +127,11 @@ extension Adapter {
         try noGrad {
             for i in active {
                 let sampler = try samplerLogprobs(rollouts[i])
-                var old: Tensor? = sampler
-                if options.temperature != 1 { old = try policyLogprobs(rollouts[i]).logp }
+                let old: Tensor?
                 if Precision.current == .bf16 {
                     old = oneUpdate ? nil : try withGrad { try policyLogprobs(rollouts[i]).logp.detach() }
+                } else {
+                    old = options.temperature == 1 ? sampler : try policyLogprobs(rollouts[i]).logp
                 }
                 targets[i] = Targets(old: old, sampler: sampler)
             }
