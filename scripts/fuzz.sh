@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${FUZZ_SECONDS:-180}
 TARGETS=${FUZZ_TARGETS:-"gguf safetensors torch-checkpoint pickle tokenizer config-llama config-qwen25vl
-  config-internvl config-composed png jpeg idx dataset"}
+  config-internvl config-composed png jpeg idx dataset chat-template"}
 BUILD=.build/fuzz
 BIN=$BUILD/release/ttrv-fuzz
 WORK=.build/fuzz-work
@@ -67,6 +67,7 @@ seeds() {
         printf '\x00\x00\x08\x01\x00\x00\x00\x03xyz' > "$out/labels.idx"
         gzip -c "$out/cube.idx" > "$out/cube.idx.gz" ;;
     dataset) cp $F/ttrv/rows.json $F/ttrv/rows.jsonl "$out" ;;
+    chat-template) cp $F/chat_templates/*.jinja "$out"; cp $F/internvl/tiny/chat_template.jinja "$out/internvl_tiny.jinja" ;;
     esac
 }
 
@@ -74,6 +75,7 @@ dict() {
     case $1 in
     gguf | safetensors | png | jpeg | pickle | torch-checkpoint) echo "-dict=scripts/fuzz/$1.dict" ;;
     tokenizer | config-* | dataset) echo "-dict=scripts/fuzz/json.dict" ;;
+    chat-template) echo "-dict=scripts/fuzz/jinja.dict" ;;
     esac
 }
 

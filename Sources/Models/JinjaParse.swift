@@ -267,9 +267,36 @@ final class JinjaExpr {
     }
     let kind: Kind
     let pos: JinjaPos
+    /// Longest path to a leaf: evaluating and freeing the tree recurse this deep.
+    let height: Int
     init(_ kind: Kind, _ pos: JinjaPos) {
         self.kind = kind
         self.pos = pos
+        height = 1 + (Self.children(kind).map(\.height).max() ?? 0)
+    }
+
+    /// Whether evaluating this node may build a new value (a call, filter, operator or literal list).
+    var builds: Bool {
+        switch kind {
+        case .call, .filter, .binary, .list, .slice: return true
+        default: return false
+        }
+    }
+
+    static func children(_ kind: Kind) -> [JinjaExpr] {
+        switch kind {
+        case .literal, .name: return []
+        case .list(let items): return items
+        case .dict(let pairs): return pairs.flatMap { [$0.0, $0.1] }
+        case .attr(let e, _), .not(let e), .neg(let e): return [e]
+        case .item(let a, let b), .binary(_, let a, let b), .and(let a, let b), .or(let a, let b): return [a, b]
+        case .slice(let e, let a, let b, let c): return [e] + [a, b, c].compactMap { $0 }
+        case .call(let f, let args, let kwargs), .filter(let f, _, let args, let kwargs):
+            return [f] + args + kwargs.map(\.1)
+        case .test(let e, _, let args, _): return [e] + args
+        case .compare(let first, let ops): return [first] + ops.map(\.1)
+        case .conditional(let a, let b, let c): return [a, b] + (c.map { [$0] } ?? [])
+        }
     }
 }
 
@@ -291,6 +318,9 @@ struct JinjaParser {
     let toks: [(tok: JinjaTok, pos: JinjaPos)]
     let file: String
     var k = 0
+    /// Open blocks and sub-expressions: a hostile template nests thousands deep to exhaust the stack.
+    var depth = 0
+    static let maxDepth = 100
 
     static let filters: Set<String> = [
         "trim", "tojson", "length", "count", "upper", "lower", "capitalize", "title", "replace", "default", "d",
@@ -312,6 +342,22 @@ struct JinjaParser {
     }
 
     mutating func next() { if k < toks.count - 1 { k += 1 } }
+
+    /// An expression node, refused when the tree grows deeper than `maxDepth` (long chains such as
+    /// `a+a+a+…` or `x.y.y.y…` deepen it without nesting brackets).
+    func node(_ kind: JinjaExpr.Kind, _ p: JinjaPos) throws -> JinjaExpr {
+        let e = JinjaExpr(kind, p)
+        guard e.height <= Self.maxDepth else { throw fail("the expression nests deeper than \(Self.maxDepth) levels", at: p) }
+        return e
+    }
+
+    /// Runs `body` one nesting level deeper, refusing templates nested deeper than `maxDepth`.
+    mutating func nested<T>(_ body: (inout JinjaParser) throws -> T) throws -> T {
+        guard depth < Self.maxDepth else { throw fail("the template nests deeper than \(Self.maxDepth) levels") }
+        depth += 1
+        defer { depth -= 1 }
+        return try body(&self)
+    }
 
     func isOp(_ o: String) -> Bool { cur == .op(o) }
     func isName(_ n: String) -> Bool { cur == .name(n) }
@@ -348,6 +394,10 @@ struct JinjaParser {
     /// Nodes up to one of `ends` (a block tag name); returns the nodes and the end tag found
     /// (its `%}` not yet consumed), or nil at the end of the template when `ends` is empty.
     mutating func parseBody(until ends: Set<String>, opened: (String, JinjaPos)? = nil) throws -> ([JinjaNode], String?) {
+        try nested { try $0.parseBodyNodes(until: ends, opened: opened) }
+    }
+
+    mutating func parseBodyNodes(until ends: Set<String>, opened: (String, JinjaPos)?) throws -> ([JinjaNode], String?) {
         var nodes: [JinjaNode] = []
         while true {
             switch cur {
@@ -398,7 +448,7 @@ struct JinjaParser {
             try endTag()
             let (body, _) = try parseBody(until: ["endgeneration"], opened: (tag, p))
             try endTag()
-            return .ifChain([(JinjaExpr(.literal(.bool(true)), p), body)], otherwise: [])
+            return .ifChain([(try node(.literal(.bool(true)), p), body)], otherwise: [])
         default:
             throw fail("unsupported tag '\(tag)'", at: p)
         }
@@ -478,7 +528,7 @@ struct JinjaParser {
                     next()
                     items.append(try parseExpression())
                 }
-                value = JinjaExpr(.list(items), value.pos)
+                value = try node(.list(items), value.pos)
             }
             try endTag()
             return .set(targets: targets, value, p)
@@ -514,7 +564,9 @@ struct JinjaParser {
 
     // MARK: expressions (Jinja2's precedence, lowest first)
 
-    mutating func parseExpression() throws -> JinjaExpr {
+    mutating func parseExpression() throws -> JinjaExpr { try nested { try $0.parseConditional() } }
+
+    mutating func parseConditional() throws -> JinjaExpr {
         let p = curPos
         let e = try parseOr()
         guard isName("if") else { return e }
@@ -525,7 +577,7 @@ struct JinjaParser {
             next()
             otherwise = try parseExpression()
         }
-        return JinjaExpr(.conditional(then: e, cond: cond, otherwise: otherwise), p)
+        return try node(.conditional(then: e, cond: cond, otherwise: otherwise), p)
     }
 
     mutating func parseOr() throws -> JinjaExpr {
@@ -533,7 +585,7 @@ struct JinjaParser {
         while isName("or") {
             let p = curPos
             next()
-            e = JinjaExpr(.or(e, try parseAnd()), p)
+            e = try node(.or(e, try parseAnd()), p)
         }
         return e
     }
@@ -543,7 +595,7 @@ struct JinjaParser {
         while isName("and") {
             let p = curPos
             next()
-            e = JinjaExpr(.and(e, try parseNot()), p)
+            e = try node(.and(e, try parseNot()), p)
         }
         return e
     }
@@ -552,7 +604,7 @@ struct JinjaParser {
         guard isName("not") else { return try parseCompare() }
         let p = curPos
         next()
-        return JinjaExpr(.not(try parseNot()), p)
+        return try node(.not(try nested { try $0.parseNot() }), p)
     }
 
     mutating func parseCompare() throws -> JinjaExpr {
@@ -574,7 +626,7 @@ struct JinjaParser {
                 break
             }
         }
-        return ops.isEmpty ? first : JinjaExpr(.compare(first, ops), p)
+        return ops.isEmpty ? first : try node(.compare(first, ops), p)
     }
 
     mutating func parseBinary(_ ops: [String], _ operand: (inout JinjaParser) throws -> JinjaExpr) throws -> JinjaExpr {
@@ -582,7 +634,7 @@ struct JinjaParser {
         while case .op(let o) = cur, ops.contains(o) {
             let p = curPos
             next()
-            e = JinjaExpr(.binary(o, e, try operand(&self)), p)
+            e = try node(.binary(o, e, try operand(&self)), p)
         }
         return e
     }
@@ -597,10 +649,10 @@ struct JinjaParser {
         var e: JinjaExpr
         if isOp("-") {
             next()
-            e = JinjaExpr(.neg(try parseUnary(withFilter: false)), p)
+            e = try node(.neg(try nested { try $0.parseUnary(withFilter: false) }), p)
         } else if isOp("+") {
             next()
-            e = try parseUnary(withFilter: false)
+            e = try nested { try $0.parseUnary(withFilter: false) }
         } else {
             e = try parsePrimary()
         }
@@ -614,10 +666,10 @@ struct JinjaParser {
         case .name(let n):
             next()
             switch n {
-            case "true", "True": return JinjaExpr(.literal(.bool(true)), p)
-            case "false", "False": return JinjaExpr(.literal(.bool(false)), p)
-            case "none", "None": return JinjaExpr(.literal(.none), p)
-            default: return JinjaExpr(.name(n), p)
+            case "true", "True": return try node(.literal(.bool(true)), p)
+            case "false", "False": return try node(.literal(.bool(false)), p)
+            case "none", "None": return try node(.literal(.none), p)
+            default: return try node(.name(n), p)
             }
         case .string(var s):
             next()
@@ -625,18 +677,18 @@ struct JinjaParser {
                 s += more
                 next()
             }
-            return JinjaExpr(.literal(.string(s)), p)
+            return try node(.literal(.string(s)), p)
         case .int(let v):
             next()
-            return JinjaExpr(.literal(.int(v)), p)
+            return try node(.literal(.int(v)), p)
         case .double(let v):
             next()
-            return JinjaExpr(.literal(.double(v)), p)
+            return try node(.literal(.double(v)), p)
         case .op("("):
             next()
             if isOp(")") {
                 next()
-                return JinjaExpr(.list([]), p)
+                return try node(.list([]), p)
             }
             let e = try parseExpression()
             if isOp(",") {  // a tuple, which behaves as a list here
@@ -647,7 +699,7 @@ struct JinjaParser {
                     items.append(try parseExpression())
                 }
                 try expectOp(")")
-                return JinjaExpr(.list(items), p)
+                return try node(.list(items), p)
             }
             try expectOp(")")
             return e
@@ -659,7 +711,7 @@ struct JinjaParser {
                 if !isOp("]") { try expectOp(",") }
             }
             next()
-            return JinjaExpr(.list(items), p)
+            return try node(.list(items), p)
         case .op("{"):
             next()
             var pairs: [(JinjaExpr, JinjaExpr)] = []
@@ -670,7 +722,7 @@ struct JinjaParser {
                 if !isOp("}") { try expectOp(",") }
             }
             next()
-            return JinjaExpr(.dict(pairs), p)
+            return try node(.dict(pairs), p)
         default:
             throw fail("unexpected \(describe(cur)) in an expression")
         }
@@ -685,10 +737,10 @@ struct JinjaParser {
                 switch cur {
                 case .name(let n):
                     next()
-                    e = JinjaExpr(.attr(e, n), p)
+                    e = try node(.attr(e, n), p)
                 case .int(let v):
                     next()
-                    e = JinjaExpr(.item(e, JinjaExpr(.literal(.int(v)), p)), p)
+                    e = try node(.item(e, try node(.literal(.int(v)), p)), p)
                 default: throw fail("expected an attribute name after '.', found \(describe(cur))")
                 }
             } else if isOp("[") {
@@ -696,7 +748,7 @@ struct JinjaParser {
                 e = try parseSubscript(e, at: p)
             } else if isOp("(") {
                 let (args, kwargs) = try parseCallArgs()
-                e = JinjaExpr(.call(e, args, kwargs), p)
+                e = try node(.call(e, args, kwargs), p)
             } else {
                 return e
             }
@@ -719,11 +771,11 @@ struct JinjaParser {
         next()
         guard isSlice else {
             guard let index = parts[0] else { throw fail("empty subscript", at: p) }
-            return JinjaExpr(.item(base, index), p)
+            return try node(.item(base, index), p)
         }
         guard parts.count <= 3 else { throw fail("a slice takes at most three parts", at: p) }
         while parts.count < 3 { parts.append(nil) }
-        return JinjaExpr(.slice(base, parts[0], parts[1], parts[2]), p)
+        return try node(.slice(base, parts[0], parts[1], parts[2]), p)
     }
 
     mutating func parseCallArgs() throws -> ([JinjaExpr], [(String, JinjaExpr)]) {
@@ -756,7 +808,7 @@ struct JinjaParser {
                 guard Self.filters.contains(name) else { throw fail("unsupported filter '\(name)'", at: namePos) }
                 var args: [JinjaExpr] = [], kwargs: [(String, JinjaExpr)] = []
                 if isOp("(") { (args, kwargs) = try parseCallArgs() }
-                e = JinjaExpr(.filter(e, name, args, kwargs), p)
+                e = try node(.filter(e, name, args, kwargs), p)
             } else if isName("is") {
                 next()
                 var negated = false
@@ -782,10 +834,10 @@ struct JinjaParser {
                     if isName("is") { throw fail("cannot chain tests with 'is'") }
                     args = [try parsePostfix(try parsePrimary())]
                 }
-                e = JinjaExpr(.test(e, name, args, negated: negated), p)
+                e = try node(.test(e, name, args, negated: negated), p)
             } else if isOp("(") {
                 let (args, kwargs) = try parseCallArgs()
-                e = JinjaExpr(.call(e, args, kwargs), p)
+                e = try node(.call(e, args, kwargs), p)
             } else {
                 return e
             }

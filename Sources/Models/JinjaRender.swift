@@ -264,6 +264,17 @@ extension JinjaNode: @unchecked Sendable {}
 final class JinjaRenderer {
     let file: String
     var scopes: [[String: JinjaValue]]
+    /// Work done so far (nodes rendered, expressions evaluated, elements built): a template from a
+    /// stranger's checkpoint must not loop for hours, nest values until freeing them overflows the stack,
+    /// or build strings and lists larger than memory.
+    var steps = 0
+    var macroDepth = 0
+    static let maxSteps = 1_000_000
+    static let maxMacroDepth = 50
+    static let maxValueDepth = 100
+    /// Longest string (UTF-8 bytes) and list a template may build, and the rendered text's size.
+    static let maxStringBytes = 16 << 20
+    static let maxListCount = 1 << 20
 
     init(file: String, context: [String: JinjaValue]) {
         self.file = file
@@ -289,14 +300,83 @@ final class JinjaRenderer {
         for node in nodes {
             let flow = try render(node, into: &out)
             if flow != .normal { return flow }
+            guard out.utf8.count <= Self.maxStringBytes else {
+                throw ModelError("\(file): the template renders more than \(Self.maxStringBytes >> 20) MiB of text")
+            }
         }
         return .normal
     }
 
+    /// Counts `n` units of work against the budget.
+    func spend(_ n: Int = 1) throws {
+        steps += n
+        guard steps <= Self.maxSteps else {
+            throw ModelError("\(file): the template takes more than \(Self.maxSteps) steps to render (a loop that does not end?)")
+        }
+    }
+
+    /// Refuses strings, lists and nesting beyond the limits, before they are stored.
+    func checkSize(_ v: JinjaValue) throws {
+        switch v {
+        case .string(let s) where s.utf8.count > Self.maxStringBytes:
+            throw JinjaRuntimeError("a string longer than \(Self.maxStringBytes >> 20) MiB")
+        case .list(let l) where l.count > Self.maxListCount:
+            throw JinjaRuntimeError("a list longer than \(Self.maxListCount) items")
+        default: break
+        }
+    }
+
+    /// Refuses turning `v` into text when that text would pass the string limit (a list of a million
+    /// references to one long string costs little until it is printed).
+    func checkText(_ v: JinjaValue) throws {
+        var bytes = 0
+        func visit(_ v: JinjaValue) throws {
+            switch v {
+            case .string(let s): bytes += s.utf8.count
+            case .list(let l):
+                try spend(l.count)
+                for item in l where bytes <= Self.maxStringBytes { bytes += 2; try visit(item) }
+            case .dict(let d):
+                try spend(d.keys.count)
+                for (k, item) in d.pairs where bytes <= Self.maxStringBytes { bytes += k.utf8.count + 6; try visit(item) }
+            default: bytes += 32
+            }
+        }
+        try visit(v)
+        guard bytes <= Self.maxStringBytes else {
+            throw JinjaRuntimeError("text longer than \(Self.maxStringBytes >> 20) MiB")
+        }
+    }
+
+    /// `v` as text, within the string limit.
+    func text(_ v: JinjaValue) throws -> String {
+        try checkText(v)
+        return v.str
+    }
+
+    /// Nesting depth of `v`, visiting at most `maxValueDepth` levels (each visit is budgeted).
+    func checkDepth(_ v: JinjaValue, level: Int = 0) throws {
+        guard level <= Self.maxValueDepth else {
+            throw JinjaRuntimeError("a value nested deeper than \(Self.maxValueDepth) levels")
+        }
+        switch v {
+        case .list(let l):
+            try spend(l.count)
+            for item in l { try checkDepth(item, level: level + 1) }
+        case .dict(let d):
+            try spend(d.keys.count)
+            for (_, item) in d.pairs { try checkDepth(item, level: level + 1) }
+        default: break
+        }
+    }
+
     func render(_ node: JinjaNode, into out: inout String) throws -> Flow {
+        try spend()
         switch node {
         case .text(let t): out += t
-        case .output(let e): out += try eval(e).str
+        case .output(let e):
+            let v = try eval(e)
+            do { out += try text(v) } catch let err as JinjaRuntimeError { throw fail(err.message, at: e.pos) }
         case .ifChain(let branches, let otherwise):
             for (cond, body) in branches where try eval(cond).truthy { return try render(body, into: &out) }
             return try render(otherwise, into: &out)
@@ -304,6 +384,7 @@ final class JinjaRenderer {
             return try renderFor(targets, iterable, filter, body, otherwise, at: p, into: &out)
         case .set(let targets, let e, let p):
             let v = try eval(e)
+            do { try checkDepth(v) } catch let err as JinjaRuntimeError { throw fail(err.message, at: p) }
             if targets.count == 1 { assign(targets[0], v) } else {
                 let items = try iterate(v, at: p)
                 guard items.count == targets.count else {
@@ -315,7 +396,9 @@ final class JinjaRenderer {
             guard case .namespace(let ns) = lookup(object) else {
                 throw fail("cannot assign attribute '\(attr)' on '\(object)': it is not a namespace()", at: p)
             }
-            ns.values[attr] = try eval(e)
+            let v = try eval(e)
+            do { try checkDepth(v) } catch let err as JinjaRuntimeError { throw fail(err.message, at: p) }
+            ns.values[attr] = v
         case .setBlock(let name, let body):
             var captured = ""
             _ = try render(body, into: &captured)
@@ -351,6 +434,7 @@ final class JinjaRenderer {
         let n = items.count
         for (i, item) in items.enumerated() {
             // Each iteration gets a fresh scope, as in Jinja2: a `set` in the body does not outlive it.
+            try spend()
             scopes.append([:])
             defer { scopes.removeLast() }
             var loop = JinjaDict([("index", .int(i + 1)), ("index0", .int(i)), ("revindex", .int(n - i)),
@@ -375,9 +459,16 @@ final class JinjaRenderer {
                 throw JinjaRuntimeError("macro '\(name)' takes \(params.count) arguments, got \(args.count)")
             }
             // A macro sees the template's globals and its own arguments, not the caller's locals.
+            guard macroDepth < Self.maxMacroDepth else {
+                throw JinjaRuntimeError("macro '\(name)' calls nest deeper than \(Self.maxMacroDepth) levels")
+            }
+            macroDepth += 1
             let saved = scopes
             scopes = [scopes[0], [:]]
-            defer { scopes = saved }
+            defer {
+                scopes = saved
+                macroDepth -= 1
+            }
             for (i, (param, def)) in params.enumerated() {
                 if i < args.count { assign(param, args[i]) } else if let v = kwargs.first(where: { $0.0 == param })?.1 {
                     assign(param, v)
@@ -395,6 +486,7 @@ final class JinjaRenderer {
     }
 
     func iterate(_ v: JinjaValue, at p: JinjaPos) throws -> [JinjaValue] {
+        try spend()
         switch v {
         case .undefined: return []
         case .list(let l): return l
@@ -407,8 +499,12 @@ final class JinjaRenderer {
     // MARK: expressions
 
     func eval(_ e: JinjaExpr) throws -> JinjaValue {
+        try spend()
         do {
-            return try evalKind(e)
+            let v = try evalKind(e)
+            try checkSize(v)
+            if case .list(let l) = v, e.builds { try spend(l.count) }  // building a list is work per item
+            return v
         } catch let err as JinjaRuntimeError {
             throw fail(err.message, at: e.pos)
         }
@@ -441,7 +537,9 @@ final class JinjaRenderer {
         case .not(let x): return .bool(!(try eval(x).truthy))
         case .neg(let x):
             switch try eval(x) {
-            case .int(let v): return .int(-v)
+            case .int(let v):
+                guard v != .min else { throw JinjaRuntimeError("integer overflow in -(\(v))") }
+                return .int(-v)
             case .double(let v): return .double(-v)
             case let v: throw JinjaRuntimeError("cannot negate \(v.typeName)")
             }
@@ -517,7 +615,7 @@ final class JinjaRenderer {
                 return step > 0 ? min(max(v, 0), n) : min(max(v, -1), n - 1)
             }
             let start = clamp(try bound(a), step > 0 ? 0 : n - 1), stop = clamp(try bound(b), step > 0 ? n : -1)
-            return Array(stride(from: start, to: stop, by: step))
+            return try Self.arithmetic(from: start, to: stop, by: step)
         }
         switch base {
         case .list(let l): return .list(try indices(l.count).map { l[$0] })
@@ -533,32 +631,26 @@ final class JinjaRenderer {
     }
 
     func binary(_ op: String, _ a: JinjaValue, _ b: JinjaValue) throws -> JinjaValue {
-        if op == "~" { return .string(a.str + b.str) }
+        if op == "~" {
+            try checkText(.list([a, b]))
+            return .string(a.str + b.str)
+        }
         if let err = undefinedUse(a) ?? undefinedUse(b) { throw err }
         switch (op, a, b) {
         case ("+", .string(let x), .string(let y)): return .string(x + y)
         case ("+", .list(let x), .list(let y)): return .list(x + y)
-        case ("*", .string(let x), _) where b.integer != nil: return .string(String(repeating: x, count: max(0, b.integer!)))
+        case ("*", .string(let x), _) where b.integer != nil:
+            let n = try repetitions(b.integer!, of: x.utf8.count, limit: Self.maxStringBytes)
+            return .string(String(repeating: x, count: n))
         case ("*", .list(let x), _) where b.integer != nil:
-            return .list(Array(repeatElement(x, count: max(0, b.integer!)).joined()))
+            let n = try repetitions(b.integer!, of: x.count, limit: Self.maxListCount)
+            return .list(Array(repeatElement(x, count: n).joined()))
         default: break
         }
         guard let x = a.number, let y = b.number else {
             throw JinjaRuntimeError("unsupported operand types for \(op): \(a.typeName) and \(b.typeName)")
         }
-        if let i = a.integer, let j = b.integer {
-            switch op {
-            case "+": return .int(i + j)
-            case "-": return .int(i - j)
-            case "*": return .int(i * j)
-            case "//", "%":
-                guard j != 0 else { throw JinjaRuntimeError("integer division or modulo by zero") }
-                let q = Int((Double(i) / Double(j)).rounded(.down))
-                return .int(op == "//" ? q : i - q * j)
-            case "**" where j >= 0: return .int(Int(pow(Double(i), Double(j))))
-            default: break
-            }
-        }
+        if let i = a.integer, let j = b.integer, let r = try integerOp(op, i, j) { return .int(r) }
         switch op {
         case "+": return .double(x + y)
         case "-": return .double(x - y)
@@ -575,6 +667,52 @@ final class JinjaRenderer {
         case "**": return .double(pow(x, y))
         default: throw JinjaRuntimeError("unsupported operator \(op)")
         }
+    }
+
+    /// Python's range(start, stop, step) (step ≠ 0), refused beyond the list limit; no step overflows.
+    static func arithmetic(from start: Int, to stop: Int, by step: Int) throws -> [Int] {
+        let count = ((Double(stop) - Double(start)) / Double(step)).rounded(.up)
+        guard count <= Double(maxListCount) else { throw JinjaRuntimeError("range of \(count) items is too long") }
+        var out: [Int] = [], v = start
+        while step > 0 ? v < stop : v > stop {
+            out.append(v)
+            let (next, overflow) = v.addingReportingOverflow(step)
+            if overflow { break }
+            v = next
+        }
+        return out
+    }
+
+    /// How often a value of `size` may repeat: `count` (negatives as 0) if the result stays within `limit`.
+    func repetitions(_ count: Int, of size: Int, limit: Int) throws -> Int {
+        let n = max(0, count)
+        let (total, overflow) = n.multipliedReportingOverflow(by: size)
+        guard !overflow, total <= limit else { throw JinjaRuntimeError("repeating \(n) times exceeds the size limit") }
+        return n
+    }
+
+    /// Integer arithmetic as Python's, with an error where a 64-bit result overflows (Python's integers
+    /// do not); nil for operators that go to floating point.
+    func integerOp(_ op: String, _ i: Int, _ j: Int) throws -> Int? {
+        let result: (partialValue: Int, overflow: Bool)
+        switch op {
+        case "+": result = i.addingReportingOverflow(j)
+        case "-": result = i.subtractingReportingOverflow(j)
+        case "*": result = i.multipliedReportingOverflow(by: j)
+        case "//", "%":
+            guard j != 0 else { throw JinjaRuntimeError("integer division or modulo by zero") }
+            let q = i.dividedReportingOverflow(by: j), r = i.remainderReportingOverflow(dividingBy: j)
+            guard !q.overflow, !r.overflow else { throw JinjaRuntimeError("integer overflow in \(i) \(op) \(j)") }
+            let floors = r.partialValue != 0 && (r.partialValue < 0) != (j < 0)  // Python rounds toward -inf
+            return op == "//" ? q.partialValue - (floors ? 1 : 0) : r.partialValue + (floors ? j : 0)
+        case "**" where j >= 0:
+            let p = pow(Double(i), Double(j))
+            guard abs(p) < 9.2e18 else { throw JinjaRuntimeError("integer overflow in \(i) ** \(j)") }
+            return Int(p)
+        default: return nil
+        }
+        guard !result.overflow else { throw JinjaRuntimeError("integer overflow in \(i) \(op) \(j)") }
+        return result.partialValue
     }
 
     func compare(_ op: String, _ a: JinjaValue, _ b: JinjaValue) throws -> Bool {
@@ -646,7 +784,7 @@ extension JinjaRenderer {
             guard n.count == args.count, (1...3).contains(n.count) else { throw JinjaRuntimeError("range takes 1 to 3 integers") }
             let (start, stop, step) = n.count == 1 ? (0, n[0], 1) : (n[0], n[1], n.count == 3 ? n[2] : 1)
             guard step != 0 else { throw JinjaRuntimeError("range step cannot be zero") }
-            return .list(stride(from: start, to: stop, by: step).map { .int($0) })
+            return .list(try JinjaRenderer.arithmetic(from: start, to: stop, by: step).map { .int($0) })
         }),
     ]
 
@@ -683,6 +821,8 @@ extension JinjaRenderer {
     func applyFilter(_ name: String, _ v: JinjaValue, _ args: [JinjaValue], _ kwargs: [(String, JinjaValue)]) throws -> JinjaValue {
         func arg(_ n: String, _ i: Int) -> JinjaValue? { argument(n, i, args, kwargs) }
         func string() -> String { v.str }  // an undefined value is "" here, as in Jinja2
+        try checkText(v)
+        try spend()
         switch name {
         case "default", "d":
             let fallback = arg("default_value", 0) ?? .string("")
@@ -702,8 +842,10 @@ extension JinjaRenderer {
             guard case .string(let old)? = arg("old", 0), case .string(let new)? = arg("new", 1) else {
                 throw JinjaRuntimeError("replace needs two strings")
             }
-            return .string(replace(string(), old, new, count: arg("count", 2)?.integer))
+            return .string(try replace(string(), old, new, count: arg("count", 2)?.integer))
         case "tojson":
+            if let n = arg("indent", 0)?.integer, !(0...64).contains(n) { throw JinjaRuntimeError("tojson indent \(n) is out of range") }
+            try checkText(v)
             return .string(try v.json(indent: arg("indent", 0)?.integer, sortKeys: arg("sort_keys", 3)?.truthy ?? false))
         case "length", "count":
             switch v {
@@ -717,7 +859,9 @@ extension JinjaRenderer {
         case "int":
             switch v {
             case .int, .bool: return .int(v.integer!)
-            case .double(let d): return .int(Int(d))
+            case .double(let d):
+                guard let i = Int(exactly: d.rounded(.towardZero)) else { throw JinjaRuntimeError("cannot convert \(d) to an integer") }
+                return .int(i)
             case .string(let s): return .int(Int(s.trimmingCharacters(in: .whitespaces)) ?? (arg("default", 0)?.integer ?? 0))
             default: return arg("default", 0) ?? .int(0)
             }
@@ -727,7 +871,9 @@ extension JinjaRenderer {
             return arg("default", 0) ?? .double(0)
         case "abs":
             switch v {
-            case .int(let i): return .int(abs(i))
+            case .int(let i):
+                guard i != .min else { throw JinjaRuntimeError("integer overflow in abs(\(i))") }
+                return .int(abs(i))
             case .double(let d): return .double(abs(d))
             default: throw JinjaRuntimeError("abs needs a number, not \(v.typeName)")
             }
@@ -775,8 +921,11 @@ extension JinjaRenderer {
         case "indent":
             let width = arg("width", 0)?.integer ?? 4
             let first = arg("first", 1)?.truthy ?? false, blank = arg("blank", 2)?.truthy ?? false
-            let pad = String(repeating: " ", count: width)
             let lines = string().components(separatedBy: "\n")
+            guard (0...1000).contains(width), lines.count * width <= Self.maxStringBytes else {
+                throw JinjaRuntimeError("indent width \(width) is out of range for this text")
+            }
+            let pad = String(repeating: " ", count: width)
             return .string(lines.enumerated().map { i, l in
                 (i == 0 && !first) || (l.isEmpty && !blank) ? l : pad + l
             }.joined(separator: "\n"))
@@ -897,9 +1046,9 @@ extension JinjaRenderer {
             guard let i = v.integer else { throw JinjaRuntimeError("test '\(name)' needs an integer, not \(v.typeName)") }
             if name == "divisibleby" {
                 guard let d = try other().integer, d != 0 else { throw JinjaRuntimeError("divisibleby needs a non-zero integer") }
-                return i % d == 0
+                return i.remainderReportingOverflow(dividingBy: d).partialValue == 0
             }
-            return (abs(i) % 2 == 1) == (name == "odd")
+            return (i & 1 == 1) == (name == "odd")
         case "lower": return v.str == v.str.lowercased()
         case "upper": return v.str == v.str.uppercased()
         default: throw JinjaRuntimeError("unsupported test '\(name)'")
@@ -954,7 +1103,7 @@ extension JinjaRenderer {
                 guard let old = try str(args, 0), let new = try str(args, 1) else {
                     throw JinjaRuntimeError("replace needs two strings")
                 }
-                return .string(replace(s, old, new, count: args.count > 2 ? args[2].integer : nil))
+                return .string(try replace(s, old, new, count: args.count > 2 ? args[2].integer : nil))
             }
         case "split", "rsplit":
             f = { [unowned self] args, kwargs in
@@ -1011,7 +1160,15 @@ extension JinjaRenderer {
         return out
     }
 
-    func replace(_ s: String, _ old: String, _ new: String, count: Int?) -> String {
+    func replace(_ s: String, _ old: String, _ new: String, count: Int?) throws -> String {
+        // Each match grows the text by the difference; refuse before building more than the limit.
+        let growth = new.utf8.count - old.utf8.count
+        if growth > 0, !old.isEmpty {
+            let matches = min(s.components(separatedBy: old).count - 1, count.map { $0 < 0 ? Int.max : $0 } ?? Int.max)
+            guard s.utf8.count + matches * growth <= Self.maxStringBytes else {
+                throw JinjaRuntimeError("replace would build a string longer than \(Self.maxStringBytes >> 20) MiB")
+            }
+        }
         guard let count, count >= 0 else { return s.replacingOccurrences(of: old, with: new, options: .literal) }
         var out = s, from = out.startIndex, done = 0
         while done < count, let r = out.range(of: old, options: .literal, range: from..<out.endIndex), !old.isEmpty {

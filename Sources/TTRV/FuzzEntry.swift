@@ -10,6 +10,7 @@ public enum FuzzEntry {
     public static let targets = [
         "gguf", "safetensors", "torch-checkpoint", "pickle", "tokenizer", "config-llama",
         "config-qwen25vl", "config-internvl", "config-composed", "png", "jpeg", "idx", "dataset",
+        "chat-template",
     ]
 
     /// Tensors larger than this are not materialised: their bounds are what is under test.
@@ -45,6 +46,7 @@ public enum FuzzEntry {
         case "png", "jpeg": _ = try Image.decode(data, name: url.path)
         case "idx": _ = try IDXFile.read(data: data, path: url.path)
         case "dataset": _ = try DatasetFile.load(data: data, url: url)
+        case "chat-template": try chatTemplate(data, url)
         default: preconditionFailure("unknown fuzz target \(target)")
         }
     }
@@ -57,6 +59,17 @@ public enum FuzzEntry {
         let config = try LlamaConfig(gguf: file)
         try config.validate()
         _ = try LMLoader.tokenizerFromGGUF(file)
+    }
+
+    /// A template from a stranger's checkpoint, rendered with a conversation like the ones ttrv sends.
+    private static func chatTemplate(_ data: Data, _ url: URL) throws {
+        let template = try ChatTemplate(jinja: String(decoding: data, as: UTF8.self), file: url.path,
+                                        specialTokens: ["bos_token": .string("<s>"), "eos_token": .string("</s>")])
+        let conversation: [ChatMessage] = [
+            .system("Answer with one letter."), .user(parts: "<image>\nWhat is this? A. shirt B. shoe", images: 1),
+            .assistant("B"), .user("And this?"),
+        ]
+        _ = try template.render(conversation, addGenerationPrompt: true)
     }
 
     private static func safetensors(_ data: Data, _ url: URL) throws {

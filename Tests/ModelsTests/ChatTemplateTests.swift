@@ -91,6 +91,50 @@ final class ChatTemplateTests: XCTestCase {
         try JinjaTemplate(source: source, file: "t.jinja").render(context)
     }
 
+    /// A template from a stranger's checkpoint runs no code, but it could loop, nest or grow without
+    /// bound: each such template is refused with an error naming the file and the limit.
+    func testHostileTemplatesHitBudgetsNotTheStack() throws {
+        let hostile: [(String, String)] = [
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps"),
+            ("{% for i in range(9223372036854775807) %}{% endfor %}", "too long"),
+            ("{{ 'x' * 9223372036854775807 }}", "size limit"),
+            ("{{ [1] * 4611686018427387904 }}", "size limit"),
+            ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "MiB"),
+            ("{% set s = 'x' * 1000000 %}{{ [s] * 1000 }}", "MiB"),
+            ("{% set s = 'x' * 1000000 %}{{ s | replace('x', s) }}", "MiB"),
+            ("{{ 'a\nb' | indent(1000000000) }}", "out of range"),
+            ("{{ {'a': 1} | tojson(indent=-5) }}", "out of range"),
+            ("{% set ns = namespace(l=[]) %}{% for i in range(1000) %}{% set ns.l = [ns.l] %}{% endfor %}", "nested deeper"),
+            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nest deeper"),
+            ("{{ " + String(repeating: "(", count: 100_000) + "1" + String(repeating: ")", count: 100_000) + " }}", "levels"),
+            ("{{ " + Array(repeating: "a", count: 50_000).joined(separator: " ~ ") + " }}", "levels"),
+            ("{{ x" + String(repeating: ".y", count: 50_000) + " }}", "levels"),
+            ("{{ " + String(repeating: "- ", count: 100_000) + "1 }}", "levels"),
+            ("{{ " + String(repeating: "not ", count: 100_000) + "1 }}", "levels"),
+            (String(repeating: "{% if true %}", count: 50_000), "levels"),
+            ("{{ 9223372036854775807 + 1 }}", "overflow"),
+            ("{{ -9223372036854775807 - 2 }}", "overflow"),
+            ("{{ 3037000500 * 3037000500 }}", "overflow"),
+            ("{{ (-9223372036854775807 - 1) // -1 }}", "overflow"),
+            ("{{ 10 ** 40 }}", "overflow"),
+            ("{{ 1e300 * 1e300 | int }}", "cannot convert"),
+            ("{{ [1, 2, 3][::9223372036854775807] }}{{ range(0, 9223372036854775807, 4611686018427387904) }}", ""),
+        ]
+        for (source, expected) in hostile {
+            let label = String(source.prefix(60))
+            do {
+                let out = try render(source)
+                XCTAssertEqual(expected, "", "\(label) rendered \(out.utf8.count) bytes")
+            } catch {
+                XCTAssertTrue("\(error)".contains("t.jinja"), "\(label): \(error)")
+                XCTAssertTrue("\(error)".contains(expected), "\(label): \(error)")
+            }
+        }
+        // Python's floor division and modulo for negative operands, now done in integers.
+        XCTAssertEqual(try render("{{ -7 // 2 }} {{ -7 % 2 }} {{ 7 // -2 }} {{ 7 % -2 }} {{ 9223372036854775807 // 1 }}"),
+                       "-4 1 -4 -1 9223372036854775807")
+    }
+
     func testWhitespaceControl() throws {
         // trim_blocks drops the newline after a block tag; lstrip_blocks the indentation before one.
         XCTAssertEqual(try render("A\n  {% if true %}\n    B\n  {% endif %}\nC"), "A\n    B\nC")
