@@ -410,3 +410,4 @@ int tt_clip_grad_norm(const tt_tensor *grads, int n, double max_norm, double *to
 }
 
 } // extern "C"
+

@@ -139,7 +139,9 @@ public struct GGUFTensorInfo: Sendable, Equatable {
     /// Absolute byte offset in the file.
     public let offset: Int
     public let byteCount: Int
-    public var elementCount: Int { shape.reduce(1, *) }
+    /// Counted with overflow checks while reading (a dimension of 0 keeps a product of huge ones at 0
+    /// in one order and overflows in another).
+    public let elementCount: Int
 }
 
 public final class GGUFFile: Sendable {
@@ -309,7 +311,7 @@ private struct Header {
                 throw r.malformed("duplicate tensor name '\(t.name)'")
             }
             tensors.append(GGUFTensorInfo(name: t.name, shape: t.dims.reversed(), type: t.type,
-                                          offset: start, byteCount: byteCount))
+                                          offset: start, byteCount: byteCount, elementCount: count))
         }
     }
 }

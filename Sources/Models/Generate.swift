@@ -113,7 +113,8 @@ public struct TextGenerator {
             }
             let hidden = try lm.forward(embeddings: Tensor.cat(rows, dim: 0), positions: Tensor.cat(posRows, dim: mrope ? 1 : 0),
                                         cache: cache, valid: valid.allSatisfy { $0 } ? nil : Tensor(valid, shape: [b, maxLen]))
-            var logits = try lm.logits(hidden.narrow(dim: 1, start: maxLen - 1, length: 1)).squeeze(1)
+            let last = try hidden.narrow(dim: 1, start: maxLen - 1, length: 1).squeeze(1)
+            var logits = try scored(lm.logits(last), hidden: last, params)
             var next = prompts.map(\.nextPosition)
             if samples > 1 {
                 let source = (0..<b).flatMap { Array(repeating: $0, count: samples) } // prompt of each sample
@@ -180,7 +181,8 @@ public struct TextGenerator {
             let tok = try Tensor(next.map { Int64($0) }, shape: [live.count, 1])
             let pos = try Tensor(live.map { Int64(positions[$0]) }, shape: [live.count, 1])
             let hidden = try lm.forward(embeddings: lm.embed(tok), positions: pos, cache: cache, valid: nil)
-            logits = try lm.logits(hidden).squeeze(1)
+            let h = try hidden.squeeze(1)
+            logits = try scored(lm.logits(h), hidden: h, params)
             for r in live { positions[r] += 1 }
         }
         for r in 0..<b where out[r].finish != .stopString {
@@ -189,6 +191,11 @@ public struct TextGenerator {
             if r == 0, !rest.isEmpty { onText?(rest) }
         }
         return out
+    }
+
+    /// Greedy decoding decides by the largest logit: re-score the best few in fp32 (see `OutputHead`).
+    private func scored(_ logits: Tensor, hidden: Tensor, _ params: SamplingParams) throws -> Tensor {
+        params.temperature <= 0 ? try lm.head.rescoringBest(logits, hidden: hidden) : logits
     }
 
     private func firstStop(in text: String, _ stops: [String]) -> String.Index? {

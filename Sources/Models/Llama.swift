@@ -11,6 +11,38 @@ public protocol CausalLM: AnyObject {
     /// [B, T]; `valid` [B, T] marks real (non-padding) tokens; `cache` receives the new keys/values.
     func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor
     func logits(_ hidden: Tensor) throws -> Tensor
+    /// The output projection behind `logits`.
+    var head: OutputHead { get }
+}
+
+extension CausalLM {
+    public func logits(_ hidden: Tensor) throws -> Tensor { try head.logits(hidden) }
+}
+
+/// The projection from hidden states to vocabulary logits. Under bf16 it multiplies in bf16 like every
+/// other linear layer — as PyTorch's CPU autocast does for the reference — because in fp32 this one
+/// [vocab × hidden] product costs as much as the rest of a small model. Its logits then carry bf16
+/// rounding (steps of 0.125 near 25), so greedy decoding re-scores each row's few best tokens in fp32
+/// (`rescoringBest`) and picks what an fp32 head would.
+public final class OutputHead {
+    public let weight: Tensor
+    private var cast = CastCache()
+
+    public init(weight: Tensor) { self.weight = weight }
+
+    public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, weight, nil, cache: &cast) }
+
+    /// `logits` [B, V] of `hidden` [B, H] with each row's `k` largest entries replaced by their fp32
+    /// values (a no-op in fp32). bf16 rounding moves a logit by at most 2⁻⁸ of its size, so the fp32
+    /// winner is among the few largest unless k tokens tie within that.
+    public func rescoringBest(_ logits: Tensor, hidden: Tensor, k: Int = 4) throws -> Tensor {
+        guard Precision.current == .bf16, logits.size(-1) > k else { return logits }
+        let b = hidden.size(0), h = hidden.size(-1)
+        let best = try logits.topk(k, dim: -1).indices
+        let rows = try weight.indexSelect(dim: 0, index: best.reshape([-1])).reshape([b, k, h])
+        let exact = try rows.matmul(hidden.reshape([b, h, 1]).to(.float32)).reshape([b, k])
+        return try logits.scatter(dim: -1, index: best, src: exact)
+    }
 }
 
 /// Llama-family configuration, decoded from HF `config.json` (Llama, Qwen2, SmolLM2) or GGUF metadata.
@@ -292,14 +324,16 @@ extension LlamaModel {
 public final class LlamaForCausalLM: Module, CausalLM {
     public let config: LlamaConfig
     public let model: LlamaModel
-    public let lmHead: Tensor
+    public let head: OutputHead
+    public var lmHead: Tensor { head.weight }
     let rotary: Rotary
 
     public init(_ config: LlamaConfig) throws {
         self.config = config
         model = try LlamaModel(config)
         rotary = try Rotary(headDim: config.resolvedHeadDim, theta: config.ropeTheta)
-        lmHead = config.tieWordEmbeddings ? model.embed_tokens.weight : try Tensor.empty([config.vocabSize, config.hiddenSize])
+        head = OutputHead(weight: config.tieWordEmbeddings ? model.embed_tokens.weight
+                          : try Tensor.empty([config.vocabSize, config.hiddenSize]))
         super.init()
         register("model", model)
         if !config.tieWordEmbeddings {
@@ -320,8 +354,6 @@ public final class LlamaForCausalLM: Module, CausalLM {
         return try model.decode(embeddings, cos: cos, sin: sin, cache: cache, valid: valid)
     }
 
-    /// In fp32 under every precision: bf16 logits resolve only 0.125 near 25, which turns close calls into ties.
-    public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, lmHead) }
 
     /// Convenience: logits for token ids [B, T] (no cache, positions 0..<T).
     public func callAsFunction(_ ids: Tensor) throws -> Tensor {

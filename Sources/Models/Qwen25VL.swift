@@ -334,7 +334,8 @@ public final class Qwen2_5_VLForConditionalGeneration: Module, CausalLM {
     public let config: Qwen25VLConfig
     public let visual: Qwen25VisionTransformer
     public let languageModel: LlamaModel
-    public let lmHead: Tensor
+    public let head: OutputHead
+    public var lmHead: Tensor { head.weight }
     let rotary: Rotary
 
     public init(_ config: Qwen25VLConfig) throws {
@@ -342,8 +343,8 @@ public final class Qwen2_5_VLForConditionalGeneration: Module, CausalLM {
         visual = try Qwen25VisionTransformer(config.vision)
         languageModel = try LlamaModel(config.text)
         rotary = try Rotary(headDim: config.text.resolvedHeadDim, theta: config.text.ropeTheta)
-        lmHead = config.tieWordEmbeddings ? languageModel.embed_tokens.weight
-            : try Tensor.empty([config.text.vocabSize, config.text.hiddenSize])
+        head = OutputHead(weight: config.tieWordEmbeddings ? languageModel.embed_tokens.weight
+                          : try Tensor.empty([config.text.vocabSize, config.text.hiddenSize]))
         super.init()
         let model = Module()
         model.register("visual", visual)
@@ -393,7 +394,6 @@ public final class Qwen2_5_VLForConditionalGeneration: Module, CausalLM {
     }
 
     /// In fp32 under every precision: bf16 logits resolve only 0.125 near 25, which turns close calls into ties.
-    public func logits(_ hidden: Tensor) throws -> Tensor { try F.linear(hidden, lmHead) }
 }
 
 // MARK: - image processor

@@ -1,9 +1,9 @@
 import Foundation
 
 /// What matrix products compute in. `.bf16` is PyTorch's CPU autocast for linear layers: they take fp32
-/// inputs, multiply in bf16 with fp32 accumulation, and return fp32; norms, softmax, attention, the LM
-/// head (see `LlamaForCausalLM.logits`), losses and the optimiser stay fp32, and the weights themselves
-/// stay fp32 (the master copy that AdamW updates).
+/// inputs, multiply in bf16 with fp32 accumulation, and return fp32 (rounded through bf16); norms,
+/// softmax, attention, losses and the optimiser stay fp32, and the weights themselves stay fp32 (the
+/// master copy that AdamW updates). The LM head is a linear layer too (see `OutputHead`).
 public enum Precision: String, Sendable, CaseIterable {
     case fp32, bf16
 
