@@ -8,6 +8,8 @@ public protocol ImageEncoder: AnyObject {
     var module: Module { get }
     /// [1, K, featureDim] for one image (with autograd when it is on and encoder weights train).
     func encode(_ image: Image) throws -> Tensor
+    /// `encode` of each image, computed as one batch.
+    func encode(batch images: [Image]) throws -> [Tensor]
     /// The encoder's batch-norm layers by name; none means test-time recalibration does not apply.
     var batchNorms: [(name: String, module: BatchNorm2d)] { get }
     /// One forward pass over `images` as a single batch with every batch norm in `mode`.
@@ -204,6 +206,10 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     }
 
     public func clearImageCache() { featureCache.removeAll() }
+
+    public func prefetchImageFeatures(_ images: [Image]) throws {
+        try featureCache.prefetch(images, tower: [encoder.module]) { try encoder.encode(batch: $0) }
+    }
 
     /// Puts back corrections saved from `visionCorrections()` (e.g. by an adaptation run in `file`).
     public func setVisionCorrections(_ c: [String: Tensor], from file: URL) throws {

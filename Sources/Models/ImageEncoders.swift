@@ -21,6 +21,13 @@ public final class EfficientNetEncoder: ImageEncoder {
         try net.imageTokens(EfficientNetLite.preprocess(image, size: imageSize, cropPadding: cropPadding))
     }
 
+    public func encode(batch images: [Image]) throws -> [Tensor] {
+        let pixels = try Tensor.cat(images.map { try EfficientNetLite.preprocess($0, size: imageSize, cropPadding: cropPadding) },
+                                    dim: 0)
+        let tokens = try net.imageTokens(pixels)
+        return try (0..<images.count).map { try tokens.narrow(dim: 0, start: $0, length: 1).contiguous() }
+    }
+
     public func calibrate(_ images: [Image], mode: BatchNorm2d.Calibration) throws {
         guard !images.isEmpty else { throw ModelError("vision calibration needs at least one image") }
         let norms = batchNorms.map(\.module)

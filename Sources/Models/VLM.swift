@@ -69,6 +69,10 @@ public protocol VisionLanguageModel: AnyObject {
     func prepare(text: String, image: Image?, system: String?) throws -> PreparedPrompt
     /// Forgets cached image features (after something that changes them outside the weights).
     func clearImageCache()
+    /// Encodes `images` as one batch into the image-feature cache, so that the `prepare` calls that
+    /// follow find them (a batch of images costs far less than one image at a time). A no-op for
+    /// models without a cache, and while the vision tower trains.
+    func prefetchImageFeatures(_ images: [Image]) throws
 }
 
 extension VisionLanguageModel {
@@ -108,6 +112,7 @@ extension VisionLanguageModel {
     }
 
     public func clearImageCache() {}
+    public func prefetchImageFeatures(_ images: [Image]) throws {}
 }
 
 /// Features of recently seen images from a frozen vision tower: adaptation prepares each image
@@ -136,6 +141,28 @@ public final class ImageFeatureCache: @unchecked Sendable {
         if order.count > capacity { entries[order.removeFirst()] = nil }
         lock.unlock()
         return features
+    }
+
+    /// Computes the features of the images not yet cached in one call of `compute` (which returns one
+    /// tensor per image given), when `tower` is frozen.
+    public func prefetch(_ images: [Image], tower: [Module], compute: ([Image]) throws -> [Tensor]) throws {
+        if tower.contains(where: { $0.parameters.contains(where: \.requiresGrad) }) { return }
+        var missing: [(ImageKey, Image)] = []
+        lock.lock()
+        for image in images {
+            let key = ImageKey(image)
+            if entries[key] == nil, !missing.contains(where: { $0.0 == key }) { missing.append((key, image)) }
+        }
+        lock.unlock()
+        guard !missing.isEmpty else { return }
+        let features = try noGrad { try compute(missing.map(\.1)) }
+        guard features.count == missing.count else {
+            throw ModelError("image encoder returned \(features.count) feature sets for \(missing.count) images")
+        }
+        lock.lock()
+        for ((key, _), f) in zip(missing, features) where entries.updateValue(f, forKey: key) == nil { order.append(key) }
+        while order.count > capacity { entries[order.removeFirst()] = nil }
+        lock.unlock()
     }
 
     public var count: Int {

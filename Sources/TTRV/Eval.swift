@@ -140,6 +140,7 @@ public enum Evaluator {
         for start in mine {
             let chunk = Array(items[start..<min(items.count, start + options.batchSize)])
             let images = try chunk.map { try $0.image?.load() }
+            try noGrad { try vlm.prefetchImageFeatures(images.compactMap { $0 }) }
             let prompts = try noGrad { try zip(chunk, images).map { try vlm.prepare(text: $0.prompt, image: $1, system: nil) } }
             let outs = try gen.generateBatch(prompts, params: .greedy(maxTokens: options.maxTokens))
             for (k, (item, out)) in zip(chunk, outs).enumerated() {

@@ -31,6 +31,22 @@ final class ComposedVLMTests: XCTestCase {
         XCTAssertThrowsError(try vlm.prepare(text: "<image> hi", image: nil, system: nil))
     }
 
+    /// Features encoded as one batch (what evaluation prefetches) equal those of one image at a time.
+    func testBatchedPrefetchMatchesSingleImages() throws {
+        let vlm = try makeVLM()
+        let names = try FileManager.default.contentsOfDirectory(atPath: fixturesRoot.appendingPathComponent("effnet").path)
+            .filter { $0.hasSuffix(".png") || $0.hasSuffix(".jpg") }.sorted()
+        let images = try names.map { try Image.load(fixturesRoot.appendingPathComponent("effnet/\($0)")) }
+        XCTAssertGreaterThan(images.count, 1)
+        let single = try noGrad { try images.map { try vlm.imageEmbeddings($0) } }
+        vlm.clearImageCache()
+        try noGrad { try vlm.prefetchImageFeatures(images + images) }  // duplicates are encoded once
+        for (img, expected) in zip(images, single) {
+            let batched = try noGrad { try vlm.imageEmbeddings(img) }
+            XCTAssertLessThan(try (batched - expected).abs().max().item(), 1e-4)
+        }
+    }
+
     func testSaveLoadRoundTripAndBadWeights() throws {
         let vlm = try makeVLM(lora: 4)
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vlm-\(UUID().uuidString)")
