@@ -120,7 +120,8 @@ extension Adapter {
     /// batched decode and the training forward round differently, so old log-probs come from the training
     /// forward itself (as verl recomputes them): its own detached output when a step makes one update,
     /// else one autograd-mode pass before the first update (the pass without autograd uses merged LoRA
-    /// weights, which round differently again). Reference log-probs come from the starting policy.
+    /// weights, which round differently again). Reference log-probs come from the starting policy, under
+    /// bf16 also in autograd mode, so that the KL is exactly 0 while the weights are the starting ones.
     func logprobTargets(_ rollouts: [Rollout], _ active: [Int]) throws -> [Int: Targets] {
         var targets: [Int: Targets] = [:]
         let oneUpdate = options.resolvedMiniBatch >= active.count
@@ -137,7 +138,10 @@ extension Adapter {
             }
             guard options.klCoef > 0, !active.isEmpty else { return }
             try withWeights(reference!) {
-                for i in active { targets[i]!.reference = try policyLogprobs(rollouts[i]).logp }
+                for i in active {
+                    targets[i]!.reference = Precision.current == .bf16
+                        ? try withGrad { try policyLogprobs(rollouts[i]).logp.detach() } : try policyLogprobs(rollouts[i]).logp
+                }
             }
         }
         return targets

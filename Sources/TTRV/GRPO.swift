@@ -31,16 +31,24 @@ public enum GRPO {
         let hPrompt = try lm.forward(embeddings: prompt.embeddings, positions: prompt.positions, cache: cache, valid: nil)
         let last = try lm.logits(hPrompt.narrow(dim: 1, start: hPrompt.size(1) - 1, length: 1)).reshape([1, -1])
         // The prompt's last position predicts every response's first token.
-        let first = try last.logSoftmax(dim: -1).expand([b, last.size(1)]).gather(dim: 1, index: tok.narrow(dim: 1, start: 0, length: 1))
+        let first = try tokenLogprobs(last.expand([b, last.size(1)]), tok.narrow(dim: 1, start: 0, length: 1).squeeze(1))
+            .unsqueeze(1)
         var logp = first
         if r > 1 {
             let input = try tok.narrow(dim: 1, start: 0, length: r - 1)
             let pos = try (Tensor.arange(r - 1).unsqueeze(0) + Double(prompt.nextPosition)).expand([b, r - 1])
             let h = try lm.forward(embeddings: lm.embed(input), positions: pos, cache: cache, valid: nil)
-            let rest = try lm.logits(h).logSoftmax(dim: -1).gather(dim: 2, index: tok.narrow(dim: 1, start: 1, length: r - 1).unsqueeze(2)).squeeze(2)
+            let rest = try tokenLogprobs(lm.logits(h), tok.narrow(dim: 1, start: 1, length: r - 1))
             logp = try Tensor.cat([first, rest], dim: 1)
         }
         return (logp, try Tensor(mask, shape: [b, r]))
+    }
+
+    /// log p(target) under `logits` [..., V] for `targets` [...]: the target's logit minus the
+    /// log-sum-exp. Unlike gathering from a log-softmax, this keeps no second vocabulary-sized
+    /// tensor (a [responses, tokens, 49k] one per step) for the backward pass.
+    static func tokenLogprobs(_ logits: Tensor, _ targets: Tensor) throws -> Tensor {
+        try logits.gather(dim: -1, index: targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim: -1)
     }
 
     /// Token-mean of `x` over `mask`.
