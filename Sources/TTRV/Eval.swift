@@ -95,6 +95,9 @@ public struct EvalReport: Codable, Sendable {
     public var invalidShare: Double
     public var majAccuracy: Double?
     public var passAtN: Double?
+    /// Share of items whose majority answer differs from the greedy one: the room self-consistency
+    /// training has (0 when sampling only ever confirms the greedy answer).
+    public var majorityDiffersShare: Double?
     public var votes: Int
     public var seconds: Double
     public var imagesPerSecond: Double
@@ -102,7 +105,8 @@ public struct EvalReport: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case dataset, model, items, accuracy, invalidShare = "invalid_share", majAccuracy = "maj_accuracy"
-        case passAtN = "pass_at_n", votes, seconds, imagesPerSecond = "images_per_s", predictions
+        case passAtN = "pass_at_n", majorityDiffersShare = "majority_differs_share", votes, seconds
+        case imagesPerSecond = "images_per_s", predictions
     }
 }
 
@@ -176,11 +180,13 @@ public enum Evaluator {
         correct = count(\.correct)
         let invalid = zip(items, preds).filter { extractAnswer($1.response, mode: $0.answerMode) == nil }.count
         let majCorrect = count { $0.majorityCorrect == true }, passN = count { $0.passAtN == true }
+        let differs = count { $0.votes != nil && $0.majority != $0.prediction }
         let secs = Date().timeIntervalSince(t0)
         return EvalReport(dataset: dataset.name, model: modelName, items: items.count, accuracy: Double(correct) / Double(n),
                           invalidShare: Double(invalid) / Double(n),
                           majAccuracy: options.votes > 0 ? Double(majCorrect) / Double(n) : nil,
-                          passAtN: options.votes > 0 ? Double(passN) / Double(n) : nil, votes: options.votes,
+                          passAtN: options.votes > 0 ? Double(passN) / Double(n) : nil,
+                          majorityDiffersShare: options.votes > 0 ? Double(differs) / Double(n) : nil, votes: options.votes,
                           seconds: secs, imagesPerSecond: Double(items.count) / max(secs, 1e-9), predictions: preds)
     }
 }

@@ -133,6 +133,7 @@ public enum HTMLReport {
         row("greedy accuracy", \.accuracy)
         row(before.votes > 0 ? "maj@\(before.votes) accuracy" : "maj@N accuracy (eval had no --votes)", \.majAccuracy)
         row(before.votes > 0 ? "pass@\(before.votes)" : "pass@N", \.passAtN)
+        row("majority ≠ greedy answer", \.majorityDiffersShare)
         row("invalid greedy replies", \.invalidShare, lowerIsBetter: true)
         h += "<tr><td>items</td>" + cols.map { "<td>\($0.items)</td>" }.joined() + (after == nil ? "" : "<td></td>") + "</tr>\n"
         h += "<tr><td>eval speed</td>" + cols.map { String(format: "<td>%.1f img/s</td>", $0.imagesPerSecond) }.joined()

@@ -299,7 +299,9 @@ struct Eval: ParsableCommand {
         guard dist.isMain else { return }
         var line = String(format: "%@: accuracy %.4f on %d items (invalid %.3f), %.1f images/s, %@", ds.name, r.accuracy, r.items,
                           r.invalidShare, r.imagesPerSecond, runtime.precisionLine)
-        if let m = r.majAccuracy, let p = r.passAtN { line += String(format: ", maj@%d %.4f, pass@%d %.4f", votes, m, votes, p) }
+        if let m = r.majAccuracy, let p = r.passAtN, let d = r.majorityDiffersShare {
+            line += String(format: ", maj@%d %.4f, pass@%d %.4f, majority ≠ greedy on %.4f", votes, m, votes, p, d)
+        }
         print(line)
         if let json { try writeJSON(r, to: URL(fileURLWithPath: json)) }
     }

@@ -28,6 +28,11 @@ final class VLMEndToEndTests: XCTestCase {
         XCTAssertEqual(r.items, 4)
         XCTAssertEqual(r.predictions.count, 4)
         XCTAssertNotNil(r.majAccuracy)
+        // Diagnostics computed from the stored predictions, independently of the evaluator's counting.
+        let differs = r.predictions.filter { $0.majority != $0.prediction }.count
+        XCTAssertEqual(r.majorityDiffersShare, Double(differs) / 4)
+        XCTAssertEqual(r.passAtN, Double(r.predictions.filter { $0.passAtN == true }.count) / 4)
+        XCTAssertGreaterThanOrEqual(r.passAtN ?? 0, r.majAccuracy ?? 1, "pass@N bounds maj@N")
 
         var o = AdaptOptions()
         o.mode = .reference // random weights answer garbage; reference mode still votes on it
