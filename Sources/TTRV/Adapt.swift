@@ -50,6 +50,9 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
     /// images onto those of its training data (label-free). nil: on in default mode for models
     /// that have source statistics (the default VLM does), off in reference mode.
     public var visionNorm: Bool?
+    /// Also evaluate between the vision batch-norm matching and the RL steps, so that the report
+    /// separates the two contributions (costs one more evaluation pass).
+    public var evalAfterNorm = false
     /// Save a checkpoint every N steps (the last step and a collapse-guard stop are always saved).
     /// nil: every step while a checkpoint is small (≤ 256 MB), else every 5 steps.
     public var checkpointEvery: Int?
@@ -63,7 +66,7 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
         case maxNewTokens = "max_new_tokens", temperature, topP = "top_p", klCoef = "kl_coef", clip
         case dualClip = "dual_clip", weightDecay = "weight_decay", gradClip = "grad_clip", warmupRatio = "warmup_ratio"
         case evalLimit = "eval_limit", evalBatch = "eval_batch", evalVotes = "eval_votes", seed, visionNorm = "vision_norm"
-        case checkpointEvery = "checkpoint_every"
+        case evalAfterNorm = "eval_after_norm", checkpointEvery = "checkpoint_every"
     }
 
     /// Missing keys take their defaults, so options written by an older ttrv still load.
@@ -101,6 +104,7 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
         evalVotes = try value(.evalVotes, d.evalVotes)
         seed = try value(.seed, d.seed)
         visionNorm = try c.decodeIfPresent(Bool.self, forKey: .visionNorm)
+        evalAfterNorm = try value(.evalAfterNorm, d.evalAfterNorm)
         checkpointEvery = try c.decodeIfPresent(Int.self, forKey: .checkpointEvery)
     }
 
@@ -166,6 +170,8 @@ public struct StepLog: Codable, Sendable, Equatable {
 public struct AdaptReport: Codable, Sendable {
     public var accuracyBefore: Double
     public var accuracyAfter: Double
+    /// After the vision batch-norm matching, before the RL steps (with `eval_after_norm`).
+    public var accuracyAfterNorm: Double?
     public var evalItems: Int
     public var adaptItems: Int
     public var steps: Int
@@ -185,6 +191,7 @@ public struct AdaptReport: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case accuracyBefore = "accuracy_before", accuracyAfter = "accuracy_after", evalItems = "eval_items"
+        case accuracyAfterNorm = "accuracy_after_norm"
         case adaptItems = "adapt_items", steps, seconds, dataset, evalDataset = "eval_dataset", model, mode
         case stoppedEarly = "stopped_early", visionNorm = "vision_norm", trainedParts = "trained_parts"
         case trainableParameters = "trainable_parameters", command, options, log
@@ -261,13 +268,20 @@ public final class Adapter {
         let composed = try visionNormTarget()
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         let evalOptions = self.evalOptions
-        let before = try evalBefore(evalData, modelName: modelName, options: evalOptions)
+        let before = try evaluation("eval_before.json", evalData, modelName: modelName, options: evalOptions)
         let steps = Adapter.schedule(items: adaptData.items, options: options)
         guard !steps.isEmpty else {
             throw AdaptError.badOptions(
                 "\(adaptData.name): \(options.adaptSamples) items make no batch of \(options.batchPrompts)")
         }
-        if let composed { try matchVision(composed, adaptData) }
+        var afterNorm: EvalReport?
+        if let composed {
+            try matchVision(composed, adaptData)
+            if options.evalAfterNorm {
+                afterNorm = try evaluation("eval_after_norm.json", evalData, modelName: modelName + " (vision norm)",
+                                           options: evalOptions)
+            }
+        }
         reference = try copies(trainable.map(\.tensor))
         let fingerprint = try fingerprint(adaptData, modelName)
         let resumed: RunState? = main ? try resume(fingerprint: fingerprint) : nil
@@ -311,7 +325,8 @@ public final class Adapter {
         let after = try Evaluator.run(vlm, dataset: evalData, modelName: modelName + " (adapted)", options: evalOptions,
                                       progressLabel: "eval after", distributed: distributed)
         let report = AdaptReport(
-            accuracyBefore: before.accuracy, accuracyAfter: after.accuracy, evalItems: after.items,
+            accuracyBefore: before.accuracy, accuracyAfter: after.accuracy, accuracyAfterNorm: afterNorm?.accuracy,
+            evalItems: after.items,
             adaptItems: options.oneExample ? 1 : min(options.adaptSamples, adaptData.items.count),
             steps: run.completedSteps, seconds: run.seconds, dataset: adaptData.name, evalDataset: evalData.name,
             model: modelName, mode: options.mode, stoppedEarly: run.stoppedEarly, visionNorm: composed != nil,
@@ -368,18 +383,20 @@ public final class Adapter {
         return composed
     }
 
-    /// The starting model's evaluation, reused on resume when it covers the same data.
-    func evalBefore(_ data: Dataset, modelName: String, options o: EvalOptions) throws -> EvalReport {
-        let url = out.appendingPathComponent("eval_before.json")
+    /// An evaluation before the RL steps (of the starting model, or after the vision matching), written to
+    /// `file` and reused on resume when it covers the same data.
+    func evaluation(_ file: String, _ data: Dataset, modelName: String, options o: EvalOptions) throws -> EvalReport {
+        let url = out.appendingPathComponent(file)
         let count = min(o.limit ?? Int.max, data.items.count)
         if FileManager.default.fileExists(atPath: url.path) {
             let r = try readJSON(EvalReport.self, from: url)
             if r.dataset == data.name, r.items == count {
-                log("eval before: reusing \(url.path) (accuracy \(String(format: "%.4f", r.accuracy)))")
+                log("\(file): reusing \(url.path) (accuracy \(String(format: "%.4f", r.accuracy)))")
                 return r
             }
         }
-        let r = try Evaluator.run(vlm, dataset: data, modelName: modelName, options: o, progressLabel: "eval before",
+        let r = try Evaluator.run(vlm, dataset: data, modelName: modelName, options: o,
+                                  progressLabel: file == "eval_before.json" ? "eval before" : "eval after vision norm",
                                   distributed: distributed)
         if distributed.isMain { try writeJSON(r, to: url) }
         return r

@@ -332,6 +332,7 @@ struct AdaptArguments: ParsableArguments {
     @Option(name: .customLong("eval-votes"), help: "Also sample N replies per evaluation item for maj@N and pass@N (0 = greedy only).") var evalVotes: Int = 0
     @Option var seed: UInt64 = 0
     @Flag(inversion: .prefixedNo, help: "First match the vision encoder's batch-norm statistics on the adaptation images to its training data's (default: on in default mode when the model has them, see `ttrv calibrate`).") var visionNorm: Bool?
+    @Flag(name: .customLong("eval-after-norm"), help: "Also evaluate after the vision batch-norm matching, before the RL steps (the report then separates the two gains).") var evalAfterNorm = false
     @Option(help: "Output directory (logs, checkpoints, adapted weights, report). Re-running resumes.") var out: String = "runs/adapt"
     @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
     var chatTemplate: String?
@@ -374,6 +375,7 @@ struct AdaptArguments: ParsableArguments {
         o.evalVotes = evalVotes
         o.seed = seed
         o.visionNorm = visionNorm
+        o.evalAfterNorm = evalAfterNorm
         return o
     }
 }
@@ -403,6 +405,10 @@ func runAdapt(_ a: AdaptArguments, precision: String) throws -> AdaptReport {
     }
     let r = try adapter.run(adaptData: data, evalData: evalData, modelName: a.model)
     guard dist.isMain else { return r }
+    if let n = r.accuracyAfterNorm {
+        print(String(format: "vision-norm matching %+.1f points, RL steps %+.1f points", 100 * (n - r.accuracyBefore),
+                     100 * (r.accuracyAfter - n)))
+    }
     print(String(format: "accuracy before %.4f → after %.4f (%+.1f points) on %d items; %d steps, %.0f s%@",
                  r.accuracyBefore, r.accuracyAfter, 100 * (r.accuracyAfter - r.accuracyBefore), r.evalItems, r.steps, r.seconds,
                  r.stoppedEarly.map { "; stopped early: \($0)" } ?? ""))
@@ -480,12 +486,18 @@ struct Demo: ParsableCommand {
         try runtime.apply()
         // The default VLM already carries LoRA adapters; adapting them (and the projector) keeps
         // the demo within its time budget on 2 cores.
-        var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out])
+        // Evaluating between the matching and the RL steps shows each one's own contribution.
+        var a = try AdaptArguments.parse(["--data", data, "--eval-limit", "\(evalLimit)", "--out", out, "--eval-after-norm"])
         a.model = "default"
         let r = try runAdapt(a, precision: runtime.precisionLine)
-        print(String(format: "\nDEMO  base %.1f%%  →  adapted %.1f%%  (%d test images; adapted on %d unlabelled images: %@%d RL steps)",
-                     100 * r.accuracyBefore, 100 * r.accuracyAfter, r.evalItems, r.adaptItems,
-                     r.visionNorm ? "vision batch-norm matching + " : "", r.steps))
+        let steps = "\(r.steps) RL steps on \(r.adaptItems) unlabelled images"
+        if let norm = r.accuracyAfterNorm {
+            print(String(format: "\nDEMO  base %.1f%%  →  vision-norm matching %.1f%%  →  + %@ %.1f%%  (%d test images)",
+                         100 * r.accuracyBefore, 100 * norm, steps, 100 * r.accuracyAfter, r.evalItems))
+        } else {
+            print(String(format: "\nDEMO  base %.1f%%  →  %@ %.1f%%  (%d test images)", 100 * r.accuracyBefore, steps,
+                         100 * r.accuracyAfter, r.evalItems))
+        }
     }
 }
 

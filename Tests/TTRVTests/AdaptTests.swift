@@ -93,6 +93,32 @@ final class AdaptTests: XCTestCase {
 }
 
 final class AdaptVisionNormTests: XCTestCase {
+    /// `eval_after_norm` evaluates between the matching and the RL steps: the report carries that accuracy,
+    /// which differs from the base model's (the matching changes the image features), and a resumed run
+    /// reuses the stored evaluation.
+    func testEvalAfterNormSeparatesTheTwoGains() throws {
+        let data = try Dataset.open("fashion-mnist-c:contrast:5")
+        let items = Dataset(name: data.name, items: Array(data.items.prefix(8)))
+        var o = smallOptions(votes: 3)
+        o.maxNewTokens = 3
+        o.evalLimit = 8
+        o.evalBatch = 8
+        o.visionNorm = true
+        o.evalAfterNorm = true
+        let out = tempDir("after-norm")
+        let first = try Adapter(vlm: try ModelRegistry.load("default"), options: o, out: out, log: { _ in })
+            .run(adaptData: items, evalData: items, modelName: "default")
+        let norm = try readJSON(EvalReport.self, from: out.appendingPathComponent("eval_after_norm.json"))
+        let base = try readJSON(EvalReport.self, from: out.appendingPathComponent("eval_before.json"))
+        XCTAssertEqual(first.accuracyAfterNorm, norm.accuracy)
+        XCTAssertNotEqual(norm.predictions.map(\.response), base.predictions.map(\.response), "the matching changes replies")
+        var logs: [String] = []
+        let again = try Adapter(vlm: try ModelRegistry.load("default"), options: o, out: out, log: { logs.append($0) })
+            .run(adaptData: items, evalData: items, modelName: "default")
+        XCTAssertEqual(again.accuracyAfterNorm, norm.accuracy)
+        XCTAssertTrue(logs.contains { $0.contains("eval_after_norm.json: reusing") }, "\(logs)")
+    }
+
     func testVisionNormOnAModelWithoutBatchNormIsAClearError() throws {
         var o = AdaptOptions()
         o.visionNorm = true
