@@ -7,21 +7,29 @@ import Torch
 @main
 enum Entry {
     static func main() {
-        // OpenMP threads that spin without bound while waiting lose badly whenever another process
-        // wants the same cores (measured: 12.2 s vs 2.6 s for a 16-token reply on a busy 2-core
-        // machine), but threads that sleep at once pay a futex wake-up for each of the thousands of
-        // parallel regions a step runs (bf16 prefill 420 vs 1000 tok/s on a quiet machine). So
-        // threads spin briefly (GOMP_SPINCOUNT, about 0.1 ms), then sleep. libgomp reads both
-        // settings when it is loaded, before main: re-execute once with them set, unless the user
-        // chose either.
+        // OpenMP threads that spin while waiting lose badly whenever another process wants the same
+        // cores (measured: 12.2 s vs 2.6 s for a 16-token reply on a busy 2-core machine; a TTRV step
+        // 17 s instead of 2.1 s next to another ttrv, 77% of it spinning), but threads that sleep at
+        // once pay a futex wake-up for each of the thousands of parallel regions a step runs (bf16
+        // prefill 420 vs 1000 tok/s on a quiet machine). So threads sleep at once (PASSIVE) on a
+        // busy machine and spin briefly first (GOMP_SPINCOUNT) on a quiet one, judged by the load
+        // average at start. libgomp reads both settings when it is loaded, before main: re-execute
+        // once with them set, unless the user chose either.
         if getenv("OMP_WAIT_POLICY") == nil && getenv("GOMP_SPINCOUNT") == nil {
             setenv("OMP_WAIT_POLICY", "PASSIVE", 1)
-            setenv("GOMP_SPINCOUNT", "50000", 1)
+            if machineIsQuiet() { setenv("GOMP_SPINCOUNT", "30000", 1) }
             let args = CommandLine.unsafeArgv
             execv("/proc/self/exe", args)
         }
         TTRVCommand.main()
     }
+}
+
+/// Whether the one-minute load average leaves at least half of the cores idle.
+func machineIsQuiet() -> Bool {
+    guard let text = try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8),
+          let load = text.split(separator: " ").first.flatMap({ Double($0) }) else { return false }
+    return load < 0.5 * Double(ProcessInfo.processInfo.activeProcessorCount)
 }
 
 struct TTRVCommand: ParsableCommand {
