@@ -255,8 +255,18 @@ public enum Sampler {
             let dropOrig = try drop.scatter(dim: -1, index: order, src: drop)
             filtered = try filtered.maskedFill(dropOrig, -Double.infinity)
         }
-        let ids = try F.multinomial(filtered.softmax(dim: -1), 1, generator: generator)
-        let lp = try scaled.logSoftmax(dim: -1).gather(dim: -1, index: ids)
+        // Inverse-CDF sampling: one uniform per row against the cumulative probabilities (in fp64, so that
+        // the vocabulary's 49k additions do not drift), where multinomial draws an exponential per token.
+        let probs = try filtered.softmax(dim: -1)
+        let cdf = try probs.to(.float64).cumsum(dim: -1)
+        let total = try cdf.narrow(dim: -1, start: cdf.size(-1) - 1, length: 1)
+        // (Kept above 0, so that a token of probability 0 at the start of the vocabulary is never drawn.)
+        let u = try (Tensor.rand([probs.size(0), 1], dtype: .float64, generator: generator) * total).clamp(min: 1e-300)
+        let ids = try cdf.lt(u).sum(dim: -1, keepDim: true).clamp(max: Double(cdf.size(-1) - 1)).to(.int64)
+        // The log-probability under the (unfiltered) temperature-scaled distribution.
+        let unfiltered = params.topK <= 0 || params.topK >= l.size(-1)
+        let lp = unfiltered && params.topP >= 1 ? try probs.gather(dim: -1, index: ids).log()
+            : try scaled.gather(dim: -1, index: ids) - scaled.logsumexp(dim: -1, keepDim: true)
         return (try ids.ints(), try lp.floats())
     }
 }
