@@ -257,6 +257,16 @@ final class SmolLM2BF16Tests: XCTestCase {
             }
             // The reference's top token is still at the top, up to such a tie.
             XCTAssertLessThan(all.max()! - all[refIds[0]], 0.3, "\(name): reference top token")
+            // Greedy decoding re-scores the head's best few in fp32: it picks what an fp32 head would on the same
+            // hidden state (the bf16 body itself still moves near-ties, as for "chat" above).
+            let pos = try Tensor.arange(input.count).unsqueeze(0)
+            let hidden = try noGrad {
+                try m.model.forward(embeddings: m.model.embed(ids(input)), positions: pos, cache: nil, valid: nil)
+                    .narrow(dim: 1, start: input.count - 1, length: 1).squeeze(1)
+            }
+            let rescored = try noGrad { try m.model.head.rescoringBest(m.model.logits(hidden), hidden: hidden) }
+            let exact = try noGrad { try F.linear(hidden, m.model.lmHead) }
+            XCTAssertEqual(try rescored.argmax(dim: -1).ints(), try exact.argmax(dim: -1).ints(), "\(name): greedy token")
         }
     }
 }

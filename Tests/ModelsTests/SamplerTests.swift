@@ -40,3 +40,23 @@ final class SamplerTests: XCTestCase {
         }
     }
 }
+
+/// Under bf16 the LM head's logits are rounded (8 mantissa bits); greedy decoding re-scores the best few in fp32.
+final class OutputHeadTests: XCTestCase {
+    func testRescoringRecoversTheFP32WinnerOfABF16Tie() throws {
+        Precision.current = .bf16
+        defer { Precision.current = .fp32 }
+        // 100.1 and 100.2 both round to 100 in bf16 (steps of 0.5 there): a tie that argmax breaks by index.
+        let head = OutputHead(weight: try Tensor([100.1, 100.2, -5, 3, 7, 1] as [Float], shape: [6, 1]))
+        let hidden = try Tensor([1] as [Float], shape: [1, 1])
+        let logits = try noGrad { try head.logits(hidden) }
+        XCTAssertEqual(try logits.floats()[0], try logits.floats()[1], "bf16 rounds both to the same logit")
+        XCTAssertEqual(try logits.argmax(dim: -1).ints(), [0])
+        let rescored = try noGrad { try head.rescoringBest(logits, hidden: hidden) }
+        XCTAssertEqual(try rescored.argmax(dim: -1).ints(), [1])
+        XCTAssertEqual(Double(try rescored.floats()[1]), 100.2, accuracy: 1e-4)
+        Precision.current = .fp32
+        XCTAssertEqual(try noGrad { try head.rescoringBest(logits, hidden: hidden) }.floats(), try logits.floats(),
+                       "a no-op in fp32")
+    }
+}
