@@ -22,8 +22,8 @@ public final class EfficientNetEncoder: ImageEncoder {
     }
 
     public func encode(batch images: [Image]) throws -> [Tensor] {
-        let pixels = try Tensor.cat(images.map { try EfficientNetLite.preprocess($0, size: imageSize, cropPadding: cropPadding) },
-                                    dim: 0)
+        let pixels = try Tensor.cat(
+            images.map { try EfficientNetLite.preprocess($0, size: imageSize, cropPadding: cropPadding) }, dim: 0)
         let tokens = try net.imageTokens(pixels)
         return try (0..<images.count).map { try tokens.narrow(dim: 0, start: $0, length: 1).contiguous() }
     }

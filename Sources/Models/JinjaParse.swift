@@ -347,7 +347,9 @@ struct JinjaParser {
     /// `a+a+a+…` or `x.y.y.y…` deepen it without nesting brackets).
     func node(_ kind: JinjaExpr.Kind, _ p: JinjaPos) throws -> JinjaExpr {
         let e = JinjaExpr(kind, p)
-        guard e.height <= Self.maxDepth else { throw fail("the expression nests deeper than \(Self.maxDepth) levels", at: p) }
+        guard e.height <= Self.maxDepth else {
+            throw fail("the expression nests deeper than \(Self.maxDepth) levels", at: p)
+        }
         return e
     }
 

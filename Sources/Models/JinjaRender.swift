@@ -311,7 +311,8 @@ final class JinjaRenderer {
     func spend(_ n: Int = 1) throws {
         steps += n
         guard steps <= Self.maxSteps else {
-            throw ModelError("\(file): the template takes more than \(Self.maxSteps) steps to render (a loop that does not end?)")
+            throw ModelError(
+                "\(file): the template takes more than \(Self.maxSteps) steps to render (a loop that does not end?)")
         }
     }
 
@@ -338,7 +339,10 @@ final class JinjaRenderer {
                 for item in l where bytes <= Self.maxStringBytes { bytes += 2; try visit(item) }
             case .dict(let d):
                 try spend(d.keys.count)
-                for (k, item) in d.pairs where bytes <= Self.maxStringBytes { bytes += k.utf8.count + 6; try visit(item) }
+                for (k, item) in d.pairs where bytes <= Self.maxStringBytes {
+                    bytes += k.utf8.count + 6
+                    try visit(item)
+                }
             default: bytes += 32
             }
         }
@@ -844,7 +848,9 @@ extension JinjaRenderer {
             }
             return .string(try replace(string(), old, new, count: arg("count", 2)?.integer))
         case "tojson":
-            if let n = arg("indent", 0)?.integer, !(0...64).contains(n) { throw JinjaRuntimeError("tojson indent \(n) is out of range") }
+            if let n = arg("indent", 0)?.integer, !(0...64).contains(n) {
+                throw JinjaRuntimeError("tojson indent \(n) is out of range")
+            }
             try checkText(v)
             return .string(try v.json(indent: arg("indent", 0)?.integer, sortKeys: arg("sort_keys", 3)?.truthy ?? false))
         case "length", "count":
@@ -860,7 +866,9 @@ extension JinjaRenderer {
             switch v {
             case .int, .bool: return .int(v.integer!)
             case .double(let d):
-                guard let i = Int(exactly: d.rounded(.towardZero)) else { throw JinjaRuntimeError("cannot convert \(d) to an integer") }
+                guard let i = Int(exactly: d.rounded(.towardZero)) else {
+                    throw JinjaRuntimeError("cannot convert \(d) to an integer")
+                }
                 return .int(i)
             case .string(let s): return .int(Int(s.trimmingCharacters(in: .whitespaces)) ?? (arg("default", 0)?.integer ?? 0))
             default: return arg("default", 0) ?? .int(0)

@@ -160,7 +160,9 @@ public final class ImageFeatureCache: @unchecked Sendable {
             throw ModelError("image encoder returned \(features.count) feature sets for \(missing.count) images")
         }
         lock.lock()
-        for ((key, _), f) in zip(missing, features) where entries.updateValue(f, forKey: key) == nil { order.append(key) }
+        for ((key, _), f) in zip(missing, features) where entries.updateValue(f, forKey: key) == nil {
+            order.append(key)
+        }
         while order.count > capacity { entries[order.removeFirst()] = nil }
         lock.unlock()
     }

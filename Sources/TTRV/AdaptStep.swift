@@ -140,7 +140,8 @@ extension Adapter {
             try withWeights(reference!) {
                 for i in active {
                     targets[i]!.reference = Precision.current == .bf16
-                        ? try withGrad { try policyLogprobs(rollouts[i]).logp.detach() } : try policyLogprobs(rollouts[i]).logp
+                        ? try withGrad { try policyLogprobs(rollouts[i]).logp.detach() }
+                        : try policyLogprobs(rollouts[i]).logp
                 }
             }
         }

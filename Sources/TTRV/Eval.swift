@@ -186,7 +186,8 @@ public enum Evaluator {
                           invalidShare: Double(invalid) / Double(n),
                           majAccuracy: options.votes > 0 ? Double(majCorrect) / Double(n) : nil,
                           passAtN: options.votes > 0 ? Double(passN) / Double(n) : nil,
-                          majorityDiffersShare: options.votes > 0 ? Double(differs) / Double(n) : nil, votes: options.votes,
+                          majorityDiffersShare: options.votes > 0 ? Double(differs) / Double(n) : nil,
+                          votes: options.votes,
                           seconds: secs, imagesPerSecond: Double(items.count) / max(secs, 1e-9), predictions: preds)
     }
 }
