@@ -163,7 +163,8 @@ public struct StepLog: Codable, Sendable, Equatable {
     /// What the collapse guard reads of a step: the log line is the one source of step metrics.
     var guardStats: CollapseGuard.StepStats {
         CollapseGuard.StepStats(step: step, majorityRatio: majorityRatio, invalidShare: invalidShare,
-                                meanResponseLength: responseLength, answerEntropy: answerEntropy, majorities: majorities)
+                                meanResponseLength: responseLength, answerEntropy: answerEntropy, majorities: majorities,
+                                kl: kl)
     }
 }
 
@@ -308,7 +309,7 @@ public final class Adapter {
                 run.stoppedEarly = "\(guardian.stopReason!)"
                 log("collapse guard: \(run.stoppedEarly!); restoring the weights of step "
                     + (guardian.lastGoodStep.map(String.init) ?? "0 (start)"))
-                try restore(lastGood ?? reference!)
+                try restore(guardian.lastGoodStep == nil ? reference! : lastGood ?? reference!)
                 // Only rank 0 keeps the last good weights of a resumed run: everyone takes its copy.
                 try distributed.broadcast(trainable.map(\.tensor), from: 0)
             } else if options.mode == .default, guardian.lastGoodStep == i {

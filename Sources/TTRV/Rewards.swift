@@ -151,10 +151,13 @@ public struct CollapseGuard: Sendable {
         public var answerEntropy: Double
         /// Each prompt's majority answer, nil where a prompt has no valid answer.
         public var majorities: [String?]
+        /// KL to the starting policy per token, measured at the step's start (so it is that of the
+        /// weights the previous step left).
+        public var kl: Double
 
         public init(
             step: Int, majorityRatio: Double, invalidShare: Double, meanResponseLength: Double,
-            answerEntropy: Double, majorities: [String?]
+            answerEntropy: Double, majorities: [String?], kl: Double = 0
         ) {
             self.step = step
             self.majorityRatio = majorityRatio
@@ -162,10 +165,11 @@ public struct CollapseGuard: Sendable {
             self.meanResponseLength = meanResponseLength
             self.answerEntropy = answerEntropy
             self.majorities = majorities
+            self.kl = kl
         }
 
         /// From the step's per-prompt votes.
-        public init(step: Int, votes: [VoteResult], meanResponseLength: Double) {
+        public init(step: Int, votes: [VoteResult], meanResponseLength: Double, kl: Double = 0) {
             let n = Double(max(votes.count, 1))
             let responses = votes.reduce(0) { $0 + $1.answers.count }
             let invalid = votes.reduce(0.0) { $0 + $1.invalidShare * Double($1.answers.count) }
@@ -175,7 +179,7 @@ public struct CollapseGuard: Sendable {
                 invalidShare: responses == 0 ? 0 : invalid / Double(responses),
                 meanResponseLength: meanResponseLength,
                 answerEntropy: votes.reduce(0) { $0 + $1.normalizedEntropy } / n,
-                majorities: votes.map(\.majority))
+                majorities: votes.map(\.majority), kl: kl)
         }
     }
 
@@ -197,6 +201,10 @@ public struct CollapseGuard: Sendable {
         /// A healthy model with uniformly placed correct letters agrees on one letter over 8
         /// prompts by chance with probability 4^-(8-1) ≈ 6e-5.
         public var constantMinPrompts = 8
+        /// A KL to the starting policy above this (nats per token) stops at once: the policy has left
+        /// the region where its own votes can be trusted. Healthy default runs stay below 0.015; a run at
+        /// 15× the learning rate reached 1.3 while losing 16 points, with every other sign quiet.
+        public var maxKL = 0.1
         public init() {}
     }
 
@@ -205,6 +213,7 @@ public struct CollapseGuard: Sendable {
         case invalidMajority(share: Double)
         case emptyResponses(meanLength: Double)
         case constantAnswer(String)
+        case policyDrift(kl: Double)
     }
 
     public let thresholds: Thresholds
@@ -244,6 +253,7 @@ public struct CollapseGuard: Sendable {
             && invalidMajority > baseInvalidMajority + t.rise
         let emptySign = s.meanResponseLength <= t.minResponseLength && invalidRose
         let constant = constantAnswer(s)
+        let driftSign = s.kl > t.maxKL
 
         invalidRun = invalidSign ? invalidRun + 1 : 0
         invalidMajorityRun = invalidMajoritySign ? invalidMajorityRun + 1 : 0
@@ -255,10 +265,15 @@ public struct CollapseGuard: Sendable {
             constantRun = nil
         }
 
-        if !(invalidSign || invalidMajoritySign || emptySign || constant != nil) {
+        if !(invalidSign || invalidMajoritySign || emptySign || constant != nil || driftSign) {
             lastGoodStep = s.step
         }
-        if emptySign {
+        if driftSign {
+            // The drifted weights are those the previous, so far "good", step produced: only the start
+            // is known to be good.
+            stopReason = .policyDrift(kl: s.kl)
+            lastGoodStep = nil
+        } else if emptySign {
             stopReason = .emptyResponses(meanLength: s.meanResponseLength)
         } else if invalidRun >= t.invalidPatience {
             stopReason = .invalidAnswers(share: s.invalidShare)

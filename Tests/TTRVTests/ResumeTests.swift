@@ -110,4 +110,31 @@ final class ResumeTests: XCTestCase {
             XCTAssertTrue(start == end, "attempt \(attempt): weights restored to the start")
         }
     }
+
+    /// A drifted policy is caught by the KL measured at the next step's start: the weights of the last
+    /// "good" step are the drifted ones, so the run goes back to the start, not to them. (The default VLM:
+    /// a random tiny model answers nothing valid in default mode, so nothing would train.)
+    func testPolicyDriftRestoresTheStartNotTheLastGoodStep() throws {
+        let data = try Dataset.open("fashion-mnist-c:contrast:5")
+        let items = Dataset(name: data.name, items: Array(data.items.prefix(4)))
+        var o = smallOptions(votes: 4)
+        o.mode = .default
+        o.visionNorm = false
+        o.maxNewTokens = 3
+        o.batchPrompts = 2
+        o.evalLimit = 2
+        o.epochs = 2
+        o.lr = 1e-3
+        let out = tempDir("drift")
+        defer { try? FileManager.default.removeItem(at: out) }
+        let vlm = try ModelRegistry.load("default")
+        let trained = { try vlm.parameters(of: vlm.defaultTrainedParts).map { try $0.tensor.floats() } }
+        let start = try trained()
+        let adapter = try Adapter(vlm: vlm, options: o, out: out, log: { _ in })
+        adapter.guardThresholds.maxKL = 1e-9  // step 0 (KL exactly 0) passes; any movement after it stops the run
+        let r = try adapter.run(adaptData: items, evalData: items, modelName: "default")
+        XCTAssertLessThan(r.steps, 4, "stopped early")
+        XCTAssertTrue(r.stoppedEarly?.contains("policyDrift") == true, "\(r.stoppedEarly ?? "no stop")")
+        XCTAssertTrue(try trained() == start)
+    }
 }

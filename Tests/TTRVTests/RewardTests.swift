@@ -231,6 +231,23 @@ final class CollapseGuardTests: XCTestCase {
         XCTAssertEqual(g.lastGoodStep, 3)
     }
 
+    /// Hand-worked: KL 0, 0.01, 0.05, then 0.3 > 0.1 — the weights step 2 left have drifted, so the run
+    /// falls back to the start, though steps 0–2 showed no other sign.
+    func testPolicyDriftStopsAndFallsBackToTheStart() {
+        var g = CollapseGuard()
+        for (step, kl) in [0, 0.01, 0.05].enumerated() {
+            var s = stats(step)
+            s.kl = kl
+            XCTAssertFalse(g.observe(s))
+        }
+        XCTAssertEqual(g.lastGoodStep, 2)
+        var s = stats(3)
+        s.kl = 0.3
+        XCTAssertTrue(g.observe(s))
+        XCTAssertEqual(g.stopReason, .policyDrift(kl: 0.3))
+        XCTAssertNil(g.lastGoodStep, "the start")
+    }
+
     func testInvalidMajoritiesStop() {
         var g = CollapseGuard()
         g.observe(stats(0))
