@@ -98,6 +98,10 @@ public enum HTMLReport {
         h += "<code>\(esc(r.evalDataset))</code>. Trained: \(r.trainedParts.map(\.rawValue).joined(separator: ", ")) "
         h += "(\(r.trainableParameters) parameters)."
         if r.visionNorm { h += " Vision batch-norm statistics were matched to the source before the RL steps." }
+        if let n = r.accuracyAfterNorm {
+            h += String(format: " Greedy accuracy after the matching alone: <b>%.1f%%</b> (matching %@, RL steps %@).",
+                        100 * n, signedPoints(n - r.accuracyBefore), signedPoints(r.accuracyAfter - n))
+        }
         if let s = r.stoppedEarly { h += " <b class=\"bad\">Stopped early</b>: \(esc(s))." }
         h += "</p>\n" + summaryTable(before: run.before, after: run.after)
         let classes = ClassTable(before: run.before.predictions, after: run.after.predictions)

@@ -53,14 +53,20 @@ final class ReportTests: XCTestCase {
     func testAdaptWritesAWellFormedPage() throws {
         let dir = try SyntheticRun.tempDir("write")
         defer { try? FileManager.default.removeItem(at: dir) }
-        let r = try SyntheticRun.write(to: dir)
+        var r = try SyntheticRun.write(to: dir)
+        r.accuracyAfterNorm = r.accuracyBefore + 0.1
         let before = try readJSON(EvalReport.self, dir.appendingPathComponent("eval_before.json"), what: "eval")
         let after = try readJSON(EvalReport.self, dir.appendingPathComponent("eval_after.json"), what: "eval")
         let url = dir.appendingPathComponent("report.html")
         try HTMLReport.write(r, before: before, after: after, to: url)
-        let svgs = Self.svgs(try String(contentsOf: url, encoding: .utf8))
+        let page = try String(contentsOf: url, encoding: .utf8)
+        let svgs = Self.svgs(page)
         XCTAssertEqual(svgs.count, 13)
         for svg in svgs { XCTAssertTrue(Self.parses(svg)) }
+        // The matching's and the RL steps' own shares of the gain.
+        let norm = String(format: "%.1f%%", 100 * r.accuracyAfterNorm!)
+        XCTAssertTrue(page.contains("after the matching alone: <b>\(norm)</b>"), "accuracy after the matching")
+        XCTAssertTrue(page.contains("matching <span class=\"good\">+10.0 pt</span>"))
     }
 
     func testTicksAreNiceAndCoverTheRange() {
