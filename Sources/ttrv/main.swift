@@ -12,8 +12,8 @@ enum Entry {
         // 17 s instead of 2.1 s next to another ttrv, 77% of it spinning), but threads that sleep at
         // once pay a futex wake-up for each of the thousands of parallel regions a step runs (bf16
         // prefill 420 vs 1000 tok/s on a quiet machine). So threads sleep at once (PASSIVE) on a
-        // busy machine and spin briefly first (GOMP_SPINCOUNT) on a quiet one, judged by the load
-        // average at start. libgomp reads both settings when it is loaded, before main: re-execute
+        // busy machine and spin briefly first (GOMP_SPINCOUNT) on a quiet one, judged by the processes
+        // runnable at start. libgomp reads both settings when it is loaded, before main: re-execute
         // once with them set, unless the user chose either.
         if getenv("OMP_WAIT_POLICY") == nil && getenv("GOMP_SPINCOUNT") == nil {
             setenv("OMP_WAIT_POLICY", "PASSIVE", 1)
@@ -25,11 +25,14 @@ enum Entry {
     }
 }
 
-/// Whether the one-minute load average leaves at least half of the cores idle.
+/// Whether other runnable processes leave at least half of the cores idle right now (the running count of
+/// /proc/loadavg, this process excluded; the load averages lag by minutes, so a job started right after a
+/// build would count the build).
 func machineIsQuiet() -> Bool {
-    guard let text = try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8),
-          let load = text.split(separator: " ").first.flatMap({ Double($0) }) else { return false }
-    return load < 0.5 * Double(ProcessInfo.processInfo.activeProcessorCount)
+    guard let text = try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8) else { return false }
+    let fields = text.split(separator: " ")
+    guard fields.count > 3, let running = fields[3].split(separator: "/").first.flatMap({ Int($0) }) else { return false }
+    return Double(running - 1) < 0.5 * Double(ProcessInfo.processInfo.activeProcessorCount)
 }
 
 struct TTRVCommand: ParsableCommand {
