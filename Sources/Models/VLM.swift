@@ -129,24 +129,33 @@ public final class ImageFeatureCache: @unchecked Sendable {
     /// `compute`'s result for `image`, from the cache when `tower` is frozen. `compute` runs
     /// without autograd then (a frozen tower needs no graph).
     public func features(_ image: Image, tower: [Module], compute: () throws -> Tensor) throws -> Tensor {
-        if tower.contains(where: { $0.parameters.contains(where: \.requiresGrad) }) { return try compute() }
+        if Self.trains(tower) { return try compute() }
         let key = ImageKey(image)
         lock.lock()
         let hit = entries[key]
         lock.unlock()
         if let hit { return hit }
         let features = try noGrad { try compute() }
-        lock.lock()
-        if entries.updateValue(features, forKey: key) == nil { order.append(key) }
-        if order.count > capacity { entries[order.removeFirst()] = nil }
-        lock.unlock()
+        store([(key, features)])
         return features
+    }
+
+    private static func trains(_ tower: [Module]) -> Bool {
+        tower.contains { $0.parameters.contains(where: \.requiresGrad) }
+    }
+
+    /// Adds entries, evicting the oldest beyond the capacity.
+    private func store(_ new: [(ImageKey, Tensor)]) {
+        lock.lock()
+        defer { lock.unlock() }
+        for (key, f) in new where entries.updateValue(f, forKey: key) == nil { order.append(key) }
+        while order.count > capacity { entries[order.removeFirst()] = nil }
     }
 
     /// Computes the features of the images not yet cached in one call of `compute` (which returns one
     /// tensor per image given), when `tower` is frozen.
     public func prefetch(_ images: [Image], tower: [Module], compute: ([Image]) throws -> [Tensor]) throws {
-        if tower.contains(where: { $0.parameters.contains(where: \.requiresGrad) }) { return }
+        if Self.trains(tower) { return }
         var missing: [(ImageKey, Image)] = []
         lock.lock()
         for image in images {
@@ -159,12 +168,7 @@ public final class ImageFeatureCache: @unchecked Sendable {
         guard features.count == missing.count else {
             throw ModelError("image encoder returned \(features.count) feature sets for \(missing.count) images")
         }
-        lock.lock()
-        for ((key, _), f) in zip(missing, features) where entries.updateValue(f, forKey: key) == nil {
-            order.append(key)
-        }
-        while order.count > capacity { entries[order.removeFirst()] = nil }
-        lock.unlock()
+        store(zip(missing, features).map { ($0.0, $1) })
     }
 
     public var count: Int {

@@ -269,7 +269,8 @@ public final class Adapter {
         let composed = try visionNormTarget()
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         let evalOptions = self.evalOptions
-        let before = try evaluation("eval_before.json", evalData, modelName: modelName, options: evalOptions)
+        let before = try evaluation("eval_before.json", "eval before", evalData, modelName: modelName,
+                                    options: evalOptions)
         let steps = Adapter.schedule(items: adaptData.items, options: options)
         guard !steps.isEmpty else {
             throw AdaptError.badOptions(
@@ -279,8 +280,8 @@ public final class Adapter {
         if let composed {
             try matchVision(composed, adaptData)
             if options.evalAfterNorm {
-                afterNorm = try evaluation("eval_after_norm.json", evalData, modelName: modelName + " (vision norm)",
-                                           options: evalOptions)
+                afterNorm = try evaluation("eval_after_norm.json", "eval after vision norm", evalData,
+                                           modelName: modelName + " (vision norm)", options: evalOptions)
             }
         }
         reference = try copies(trainable.map(\.tensor))
@@ -386,7 +387,8 @@ public final class Adapter {
 
     /// An evaluation before the RL steps (of the starting model, or after the vision matching), written to
     /// `file` and reused on resume when it covers the same data.
-    func evaluation(_ file: String, _ data: Dataset, modelName: String, options o: EvalOptions) throws -> EvalReport {
+    func evaluation(_ file: String, _ label: String, _ data: Dataset, modelName: String,
+                    options o: EvalOptions) throws -> EvalReport {
         let url = out.appendingPathComponent(file)
         let count = min(o.limit ?? Int.max, data.items.count)
         if FileManager.default.fileExists(atPath: url.path) {
@@ -397,7 +399,7 @@ public final class Adapter {
             }
         }
         let r = try Evaluator.run(vlm, dataset: data, modelName: modelName, options: o,
-                                  progressLabel: file == "eval_before.json" ? "eval before" : "eval after vision norm",
+                                  progressLabel: label,
                                   distributed: distributed)
         if distributed.isMain { try writeJSON(r, to: url) }
         return r
