@@ -51,16 +51,16 @@ let package = Package(
         .systemLibrary(name: "CJPEG", path: "Sources/CJPEG"),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .target(name: "Models", dependencies: ["Torch", "CPNG", "CJPEG", "CZlib"]),
-        .target(name: "TTRV", dependencies: ["Models"]),
+        .target(name: "TTRV", dependencies: ["Models", "Torch"]),
         // libFuzzer driver (make fuzz) and, built plainly, a replay tool for the parsers.
         .executableTarget(name: "ttrv-fuzz", dependencies: ["TTRV"]),
         .executableTarget(
             name: "ttrv",
-            dependencies: ["TTRV", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["TTRV", "Models", "Torch", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .testTarget(name: "TorchTests", dependencies: ["Torch"], exclude: []),
-        .testTarget(name: "ModelsTests", dependencies: ["Models"]),
-        .testTarget(name: "TTRVTests", dependencies: ["TTRV"]),
+        .testTarget(name: "ModelsTests", dependencies: ["Models", "Torch"]),
+        .testTarget(name: "TTRVTests", dependencies: ["TTRV", "Models", "Torch"]),
     ],
     cxxLanguageStandard: .cxx17
 )

@@ -395,6 +395,10 @@ int tt_adamw_step(const tt_tensor *params, const tt_tensor *grads, const tt_tens
     // it for bias correction and applies decoupled weight decay.
     at::_foreach_add_(st, 1.0);
     at::_fused_adamw_(p, g, ea, eas, {}, st, lr, b1, b2, wd, eps, false, false);
+    // The fused kernel writes the weights without advancing their version counters (the tensors outside
+    // any autograd graph), and every copy derived from a weight (bf16 casts, merged LoRA) is keyed by
+    // that counter: advance it as any in-place op would.
+    for (auto &t : p) t.unsafeGetTensorImpl()->bump_version();
   })
 }
 int tt_clip_grad_norm(const tt_tensor *grads, int n, double max_norm, double *total) {

@@ -84,6 +84,8 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     public let module: Module
     /// Encoder features per image (evaluation sees each image twice, adaptation several times a step).
     private let featureCache = ImageFeatureCache(capacity: 4096)
+    /// The encoder's batch-norm input statistics per source domain, layer by layer (see `visionSourceFile`).
+    private var visionSources: [(domain: String, stats: [(mean: Tensor, variance: Tensor)])] = []
 
     public var lm: CausalLM { language.model }
     public var tokenizer: Tokenizer { language.tokenizer }
@@ -153,47 +155,92 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     /// data the model was trained on (written by `ttrv calibrate`).
     public static let visionSourceFile = "vision_source_stats.safetensors"
 
-    /// Measures the encoder's source statistics on `images` (clean, in-domain data).
-    public func measureVisionSource(_ images: [Image]) throws {
+    /// Measures the encoder's source statistics on each domain's images (clean, in-domain data): one
+    /// unnamed domain, or several named ones (a model trained on several kinds of image).
+    public func measureVisionSources(_ domains: [(name: String, images: [Image])]) throws {
         guard !encoder.batchNorms.isEmpty else { throw ModelError("vision encoder \(config.vision) has no batch norm to calibrate") }
-        try encoder.calibrate(images, mode: .measureSource)
+        visionSources = try domains.map { domain in
+            try encoder.calibrate(domain.images, mode: .measureSource)
+            return (domains.count == 1 ? "" : domain.name, try encoder.batchNorms.map { try measuredSource($0) })
+        }
     }
 
+    private func measuredSource(_ bn: (name: String, module: BatchNorm2d)) throws -> (mean: Tensor, variance: Tensor) {
+        guard let s = bn.module.source else { throw ModelError("no source statistics for \(bn.name); run `ttrv calibrate` first") }
+        return s
+    }
+
+    /// The statistics as stored in `visionSourceFile`: "<layer>.mean"/"<layer>.variance" for one domain,
+    /// "<domain>/<layer>.mean"… for several.
     public func visionSourceStats() throws -> [String: Tensor] {
+        guard !visionSources.isEmpty else { throw ModelError("no source statistics; run `ttrv calibrate` first") }
         var out: [String: Tensor] = [:]
-        for (name, bn) in encoder.batchNorms {
-            guard let s = bn.source else { throw ModelError("no source statistics for \(name); run `ttrv calibrate` first") }
-            out[name + ".mean"] = s.mean
-            out[name + ".variance"] = s.variance
+        for (domain, stats) in visionSources {
+            let prefix = domain.isEmpty ? "" : domain + "/"
+            for ((name, _), s) in zip(encoder.batchNorms, stats) {
+                out[prefix + name + ".mean"] = s.mean
+                out[prefix + name + ".variance"] = s.variance
+            }
         }
         return out
     }
 
     func loadVisionSourceStats(_ url: URL) throws {
         let file = try SafeTensorsFile(url: url).tensors(as: .float32)
-        for (name, bn) in encoder.batchNorms {
-            guard let m = file[name + ".mean"], let v = file[name + ".variance"] else {
-                throw ModelError("\(url.path): no statistics for \(name)")
-            }
-            guard m.shape == bn.weight.shape, v.shape == bn.weight.shape else {
-                throw ModelError("\(url.path): \(name) statistics have shape \(m.shape), expected \(bn.weight.shape)")
-            }
-            bn.source = (m, v)
+        let domains = Set(file.keys.map { key in key.lastIndex(of: "/").map { String(key[..<$0]) } ?? "" }).sorted()
+        visionSources = try domains.map { domain in
+            let prefix = domain.isEmpty ? "" : domain + "/"
+            return (domain, try encoder.batchNorms.map { name, bn in
+                guard let m = file[prefix + name + ".mean"], let v = file[prefix + name + ".variance"] else {
+                    throw ModelError("\(url.path): no statistics for \(prefix + name)")
+                }
+                guard m.shape == bn.weight.shape, v.shape == bn.weight.shape else {
+                    throw ModelError("\(url.path): \(prefix + name) statistics have shape \(m.shape), expected \(bn.weight.shape)")
+                }
+                return (m, v)
+            })
         }
     }
 
-    public var hasVisionSource: Bool { !encoder.batchNorms.isEmpty && encoder.batchNorms.allSatisfy { $0.module.source != nil } }
+    public var hasVisionSource: Bool { !encoder.batchNorms.isEmpty && !visionSources.isEmpty }
+
+    /// The source domain the last matching chose ("" for a model with one).
+    public private(set) var matchedVisionSource: String?
 
     /// Maps the encoder's internal statistics on `images` (unlabelled test images) onto the source
-    /// statistics, layer by layer, and drops cached features. Returns the corrections by name.
+    /// statistics, layer by layer, and drops cached features. Returns the corrections by name. With
+    /// several source domains it matches to the one that needs the smallest correction, i.e. the domain
+    /// the images are nearest to (a shifted garment photo is still nearer to garments than to shapes).
     @discardableResult
     public func matchVisionSource(_ images: [Image]) throws -> [String: Tensor] {
         guard hasVisionSource else {
             throw ModelError("model has no vision source statistics (\(Self.visionSourceFile)); `ttrv calibrate --model DIR --data SPEC` measures them on clean data")
         }
-        try encoder.calibrate(images, mode: .matchSource)
+        var best: (domain: String, cost: Double, corrections: [String: Tensor])?
+        for (domain, stats) in visionSources {
+            for ((_, bn), s) in zip(encoder.batchNorms, stats) { bn.source = s }
+            try encoder.calibrate(images, mode: .matchSource)
+            let cost = visionSources.count == 1 ? 0 : try correctionSize()
+            if best == nil || cost < best!.cost { best = (domain, cost, visionCorrections()) }
+        }
+        for (name, bn) in encoder.batchNorms {
+            try bn.setCorrection(scale: best!.corrections[name + ".scale"], shift: best!.corrections[name + ".shift"])
+        }
+        matchedVisionSource = best!.domain
         clearImageCache()
-        return visionCorrections()
+        return best!.corrections
+    }
+
+    /// How far the corrections in effect are from none, in the source's own units: per channel the squared
+    /// log of the scale plus the squared mean shift over the source deviation, averaged over channels and
+    /// summed over layers.
+    private func correctionSize() throws -> Double {
+        try encoder.batchNorms.reduce(0) { total, bn in
+            guard let c = bn.module.correction, let s = bn.module.source else { return total }
+            // The batch mean m satisfies scale·m + shift = source mean, so m − source mean = (μ(1 − scale) − shift)/scale.
+            let meanShift = try (s.mean * (c.scale * -1 + 1) - c.shift) / c.scale / (s.variance + bn.module.eps).sqrt()
+            return total + (try (c.scale.log().square() + meanShift.square()).mean().item())
+        }
     }
 
     /// The corrections in effect, by batch-norm name (".scale"/".shift"); empty when none.

@@ -214,6 +214,7 @@ func attentionMask(newTokens t: Int, past: Int, validKeys: Tensor?) throws -> Te
 public final class LlamaAttention: Module {
     public let q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear
     let heads: Int, kvHeads: Int, headDim: Int
+    private lazy var qkv = FusedLinears([q_proj, k_proj, v_proj])
 
     init(_ c: LlamaConfig) throws {
         heads = c.numAttentionHeads
@@ -234,9 +235,10 @@ public final class LlamaAttention: Module {
 
     func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
         let (b, t) = (x.size(0), x.size(1))
-        var q = try q_proj(x).view([b, t, heads, headDim]).transpose(1, 2)
-        var k = try k_proj(x).view([b, t, kvHeads, headDim]).transpose(1, 2)
-        var v = try v_proj(x).view([b, t, kvHeads, headDim]).transpose(1, 2)
+        let projected = try qkv(x)
+        var q = try projected[0].view([b, t, heads, headDim]).transpose(1, 2)
+        var k = try projected[1].view([b, t, kvHeads, headDim]).transpose(1, 2)
+        var v = try projected[2].view([b, t, kvHeads, headDim]).transpose(1, 2)
         q = try Rotary.apply(q, cos: cos, sin: sin)
         k = try Rotary.apply(k, cos: cos, sin: sin)
         let causal = mask == nil && (cache == nil || cache!.length == 0) && t > 1
@@ -248,6 +250,7 @@ public final class LlamaAttention: Module {
 
 public final class LlamaMLP: Module {
     public let gate_proj: Linear, up_proj: Linear, down_proj: Linear
+    private lazy var gateUp = FusedLinears([gate_proj, up_proj])
     init(_ c: LlamaConfig) throws {
         gate_proj = try Linear(c.hiddenSize, c.intermediateSize, bias: false, initialize: false)
         up_proj = try Linear(c.hiddenSize, c.intermediateSize, bias: false, initialize: false)
@@ -257,7 +260,10 @@ public final class LlamaMLP: Module {
         register("up_proj", up_proj)
         register("down_proj", down_proj)
     }
-    func callAsFunction(_ x: Tensor) throws -> Tensor { try down_proj(gate_proj(x).silu() * up_proj(x)) }
+    func callAsFunction(_ x: Tensor) throws -> Tensor {
+        let gu = try gateUp(x)
+        return try down_proj(gu[0].silu() * gu[1])
+    }
 }
 
 public final class LlamaDecoderLayer: Module {

@@ -413,7 +413,8 @@ public final class Adapter {
         guard distributed.isMain else { return }
         try saveSafeTensors(corrections, metadata: ["ttrv": "vision batch-norm input corrections"],
                             to: out.appendingPathComponent(AdaptedWeights.visionCorrectionFile))
-        log("vision norm: matched \(corrections.count / 2) batch-norm layers to the source statistics on "
+        let domain = composed.matchedVisionSource.map { $0.isEmpty ? "" : " of \($0) (the nearest source)" } ?? ""
+        log("vision norm: matched \(corrections.count / 2) batch-norm layers to the source statistics\(domain) on "
             + "\(items.count) unlabelled images")
     }
 

@@ -20,11 +20,16 @@ public struct Item: Sendable {
 public enum ImageSource: Sendable {
     case file(URL)
     case memory(Image)
+    /// A file shifted when it is loaded (a corrupted copy of a file-based test set), so a dataset
+    /// of thousands of images opens without decoding them.
+    case shiftedFile(URL, Shift, severity: Int, seed: UInt64)
 
     public func load() throws -> Image {
         switch self {
         case .file(let url): return try Image.load(url)
         case .memory(let img): return img
+        case let .shiftedFile(url, shift, severity, seed):
+            return applyShift(shift, severity: severity, to: try Image.load(url), seed: seed)
         }
     }
 }
@@ -36,8 +41,10 @@ public struct DatasetError: Error, CustomStringConvertible {
 
 /// A named list of items. Specs:
 /// - `fashion-mnist:train|test`, `fashion-mnist-c:<shift>:<severity>` (the test split shifted)
-/// - `easy-vqa:train|test`
+/// - `easy-vqa:train|test`, `easy-vqa-c:<shift>:<severity>` (the test split shifted)
 /// - a path to a verl-style `.json` / `.jsonl` file
+/// - several of these joined by commas: their items interleaved in turn (a training mixture whose
+///   first items, e.g. an eval limit, sample every part)
 public struct Dataset: Sendable {
     public var name: String
     public var items: [Item]
@@ -45,6 +52,27 @@ public struct Dataset: Sendable {
     public static let fashionClasses = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
     public static func open(_ spec: String, seed: UInt64 = 0, root: URL = Paths.repoRoot) throws -> Dataset {
+        let specs = spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard specs.count > 1 else { return try openOne(spec, seed: seed, root: root) }
+        return interleaved(try specs.map { try openOne($0, seed: seed, root: root) })
+    }
+
+    /// Items taken in turn from each part (a part that runs out drops out); ids keep their part's
+    /// name so that items of two parts never share one.
+    static func interleaved(_ parts: [Dataset]) -> Dataset {
+        var items: [Item] = []
+        items.reserveCapacity(parts.reduce(0) { $0 + $1.items.count })
+        for i in 0..<(parts.map(\.items.count).max() ?? 0) {
+            for part in parts where i < part.items.count {
+                var item = part.items[i]
+                item.id = "\(part.name)/\(item.id)"
+                items.append(item)
+            }
+        }
+        return Dataset(name: parts.map(\.name).joined(separator: ","), items: items)
+    }
+
+    static func openOne(_ spec: String, seed: UInt64, root: URL) throws -> Dataset {
         let parts = spec.split(separator: ":").map(String.init)
         switch parts.first {
         case "fashion-mnist":
@@ -57,6 +85,11 @@ public struct Dataset: Sendable {
                 throw DatasetError(message: "\(spec): expected fashion-mnist-c:<shift>:<1-5>, shifts: \(Shift.allCases.map(\.rawValue).joined(separator: ", "))")
             }
             return try fashionMNIST(split: "test", shift: (shift, sev), seed: seed)
+        case "easy-vqa-c":
+            guard parts.count == 3, let sev = Int(parts[2]), (1...5).contains(sev), let shift = Shift(rawValue: parts[1]) else {
+                throw DatasetError(message: "\(spec): expected easy-vqa-c:<shift>:<1-5>, shifts: \(Shift.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return try easyVQA(split: "test", root: root, seed: seed, shift: (shift, sev))
         case "easy-vqa":
             guard parts.count == 2, ["train", "test"].contains(parts[1]) else {
                 throw DatasetError(message: "\(spec): expected easy-vqa:train or easy-vqa:test")
@@ -65,7 +98,7 @@ public struct Dataset: Sendable {
         default:
             let url = URL(fileURLWithPath: spec)
             guard FileManager.default.fileExists(atPath: url.path) else {
-                throw DatasetError(message: "\(spec): not a built-in dataset (fashion-mnist:…, fashion-mnist-c:…, easy-vqa:…) and no such file")
+                throw DatasetError(message: "\(spec): not a built-in dataset (fashion-mnist:…, fashion-mnist-c:…, easy-vqa:…, easy-vqa-c:…) and no such file")
             }
             let items = try DatasetFile.load(url).map { r in
                 Item(id: r.id, prompt: r.prompt, image: r.imagePath.map { .file($0) },
@@ -102,7 +135,9 @@ public struct Dataset: Sendable {
 
     /// easy-VQA posed as multiple choice over answers of the same type (as the reference poses
     /// VQA): yes/no questions get two options, shape questions three, colour questions four.
-    static func easyVQA(split: String, root: URL, seed: UInt64) throws -> Dataset {
+    /// With a shift, every question about one image sees the same shifted copy of it (its noise drawn
+    /// from the seed and the image id), as Fashion-MNIST-C shifts each test image once.
+    static func easyVQA(split: String, root: URL, seed: UInt64, shift: (Shift, Int)? = nil) throws -> Dataset {
         let dir = root.appendingPathComponent(".deps/pkgs/easy-vqa/easy_vqa/data/\(split)")
         let qURL = dir.appendingPathComponent("questions.json")
         guard let data = try? Data(contentsOf: qURL) else {
@@ -128,9 +163,13 @@ public struct Dataset: Sendable {
             let letters = ["A", "B", "C", "D"]
             let prompt = "<image> \n \(q.prefix(1).uppercased() + q.dropFirst()) Choose the correct answer from the options below and respond with only the corresponding option letter. \n Options:\n"
                 + zip(letters, options).map { "\($0). \($1)" }.joined(separator: "\n")
-            items.append(Item(id: "\(split)-\(i)", prompt: prompt, image: .file(dir.appendingPathComponent("images/\(imgID).png")),
-                              answer: letters[pos], options: options, label: a))
+            let file = dir.appendingPathComponent("images/\(imgID).png")
+            let image: ImageSource = shift.map {
+                .shiftedFile(file, $0.0, severity: $0.1, seed: seed &+ UInt64(bitPattern: Int64(imgID)) &* 0x9E37_79B9_7F4A_7C15)
+            } ?? .file(file)
+            items.append(Item(id: "\(split)-\(i)", prompt: prompt, image: image, answer: letters[pos], options: options, label: a))
         }
-        return Dataset(name: "easy-vqa:\(split)", items: items)
+        let name = shift.map { "easy-vqa-c:\($0.0.rawValue):\($0.1)" } ?? "easy-vqa:\(split)"
+        return Dataset(name: name, items: items)
     }
 }

@@ -29,8 +29,47 @@ public final class LoRA {
             return try F.linear(x, weight, bias, cache: &baseCast) + F.linear(F.linear(x, a), b) * scale
         }
         let versions = [weight.version, a.version, b.version]
-        if merged?.versions != versions { merged = (try weight + b.matmul(a) * scale, versions) }
+        if merged?.versions != versions { merged = (try merge(weight), versions) }
         return try F.linear(x, merged!.weight, bias, cache: &cast)
+    }
+
+    func merge(_ weight: Tensor) throws -> Tensor { try noGrad { try weight + b.matmul(a) * scale } }
+
+    var versions: [Int] { [a.version, b.version] }
+}
+
+/// Linears that read the same input (q/k/v, gate/up) as one product in passes without autograd: their
+/// weights (LoRA merged) concatenated, in the precision of the product, and rebuilt when any of them
+/// changes; a decode step then casts its input and launches a product once instead of per projection.
+/// Under autograd each linear runs on its own, so gradients reach every weight and adapter as before.
+public final class FusedLinears {
+    let parts: [Linear]
+    /// Mixed biased and unbiased parts would need a padded bias; they simply run one by one.
+    let fusable: Bool
+    private var fused: (weight: Tensor, bias: Tensor?, key: [Int])?
+
+    public init(_ parts: [Linear]) {
+        self.parts = parts
+        fusable = parts.count > 1 && Set(parts.map { $0.bias == nil }).count == 1
+    }
+
+    public func callAsFunction(_ x: Tensor) throws -> [Tensor] {
+        guard !LibTorch.gradEnabled, fusable else { return try parts.map { try $0(x) } }
+        let bf16 = Precision.current == .bf16 && x.dtype == .float32
+        let key = parts.flatMap(\.versions) + [bf16 ? 1 : 0]
+        if fused?.key != key { fused = nil; fused = try concatenated(bf16: bf16, key: key) }
+        let (w, b) = (fused!.weight, fused!.bias)
+        let y = bf16 ? try F.linear(x.to(.bfloat16), w, b).to(.float32) : try F.linear(x, w, b)
+        return try y.split(parts.map(\.outFeatures), dim: -1)
+    }
+
+    private func concatenated(bf16: Bool, key: [Int]) throws -> (weight: Tensor, bias: Tensor?, key: [Int]) {
+        try noGrad {
+            let dtype: DType = bf16 ? .bfloat16 : .float32
+            let w = try Tensor.cat(parts.map { try $0.inferenceWeight() }, dim: 0).to(dtype)
+            let biases = parts.compactMap(\.bias)
+            return (w, biases.isEmpty ? nil : try Tensor.cat(biases, dim: 0).to(dtype), key)
+        }
     }
 }
 

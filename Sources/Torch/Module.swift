@@ -177,6 +177,12 @@ public final class Linear: Module {
         lora = adapter
     }
 
+    /// The weight a pass without autograd multiplies by: the base weight with any adapter merged in.
+    func inferenceWeight() throws -> Tensor { try lora?.merge(weight) ?? weight }
+
+    /// Changes whenever the weight, bias or adapter changes in place.
+    var versions: [Int] { [weight.version, bias?.version ?? 0] + (lora?.versions ?? []) }
+
     var loraChildren: [Module] { lora == nil ? [] : children.filter { $0.name.hasPrefix("lora_") }.map(\.module) }
 }
 

@@ -17,18 +17,19 @@ public enum Precision: String, Sendable, CaseIterable {
     }
 }
 
-/// A weight's low-precision copy, rebuilt when the weight changes in place (libtorch's version counter).
+/// A weight's low-precision copy, rebuilt when the weight changes in place (libtorch's version counter)
+/// or is another tensor (a merged LoRA weight is rebuilt as a new tensor, whose counter starts again).
 /// For a weight that trains, under autograd, the cast is part of the graph instead, so the fp32 master
 /// weight gets the gradient.
 public struct CastCache {
-    private var cached: (version: Int, tensor: Tensor)?
+    private var cached: (source: Tensor, version: Int, tensor: Tensor)?
 
     public init() {}
 
     public mutating func bf16(_ w: Tensor) throws -> Tensor {
         guard !(LibTorch.gradEnabled && w.requiresGrad) else { return try w.to(.bfloat16) }
         let v = w.version
-        if cached?.version != v { cached = (v, try noGrad { try w.to(.bfloat16) }) }
+        if cached?.source !== w || cached?.version != v { cached = (w, v, try noGrad { try w.to(.bfloat16) }) }
         // A frozen weight's copy carries no graph, so autograd passes may share it too.
         return cached!.tensor
     }

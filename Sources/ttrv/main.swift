@@ -243,8 +243,9 @@ struct Calibrate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure a composed VLM's vision batch-norm statistics on its (clean) training data, for --vision-norm.")
     @Option(help: "A composed model directory or `default`.") var model: String = "default"
-    @Option(help: "Clean, in-domain images (labels unused).") var data: String = "fashion-mnist:train"
-    @Option var limit: Int = 512
+    @Option(help: "Clean, in-domain images (labels unused). Repeat for a model trained on several kinds of image: each is a source domain, and matching picks the nearest.")
+    var data: [String] = ["fashion-mnist:train"]
+    @Option(help: "Images per domain.") var limit: Int = 512
     @Option(name: .customLong("chat-template"), help: "A Jinja chat template (or chat_template.json) to use instead of the model's.")
     var chatTemplate: String?
     @OptionGroup var runtime: RuntimeOptions
@@ -252,13 +253,18 @@ struct Calibrate: ParsableCommand {
     func run() throws {
         try runtime.apply()
         guard let vlm = try ModelRegistry.load(model, chatTemplate: chatTemplate.map { URL(fileURLWithPath: $0) }) as? ComposedVLM else { throw ValidationError("\(model) is not a composed VLM") }
-        let images = try Dataset.open(data).items.prefix(limit).compactMap { try $0.image?.load() }
-        guard !images.isEmpty else { throw ValidationError("\(data) has no images") }
-        try vlm.measureVisionSource(images)
+        let domains = try data.map { spec in
+            let images = try Dataset.open(spec).items.prefix(limit).compactMap { try $0.image?.load() }
+            guard !images.isEmpty else { throw ValidationError("\(spec) has no images") }
+            return (name: spec, images: images)
+        }
+        try vlm.measureVisionSources(domains)
         let dir = model == "default" ? ModelRegistry.defaultModelDir : URL(fileURLWithPath: model)
         let url = dir.appendingPathComponent(ComposedVLM.visionSourceFile)
-        try saveSafeTensors(try vlm.visionSourceStats(), metadata: ["data": data, "images": "\(images.count)"], to: url)
-        print("wrote \(url.path): statistics of \(vlm.encoder.batchNorms.count) batch-norm layers on \(images.count) images of \(data)")
+        try saveSafeTensors(try vlm.visionSourceStats(), metadata: ["data": data.joined(separator: " "), "images_per_domain": "\(limit)"],
+                            to: url)
+        print("wrote \(url.path): statistics of \(vlm.encoder.batchNorms.count) batch-norm layers on \(data.joined(separator: ", ")), "
+              + "≤ \(limit) images each")
     }
 }
 
@@ -298,6 +304,7 @@ struct Eval: ParsableCommand {
             guard let composed = vlm as? ComposedVLM else { throw ValidationError("--vision-norm needs a composed VLM") }
             guard n >= 1 else { throw ValidationError("--vision-norm must be at least 1") }
             try composed.matchVisionSource(ds.items.prefix(n).compactMap { try $0.image?.load() })
+            if let domain = composed.matchedVisionSource, !domain.isEmpty { eprint("vision norm: nearest source \(domain)") }
         }
         o.limit = limit
         o.votes = votes

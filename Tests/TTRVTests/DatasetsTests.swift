@@ -65,6 +65,50 @@ final class DatasetsTests: XCTestCase {
         }
     }
 
+    func testShiftedEasyVQAKeepsTheQuestionsAndShiftsEachImageOnce() throws {
+        let q = root.appendingPathComponent(".deps/pkgs/easy-vqa/easy_vqa/data/test/questions.json")
+        guard FileManager.default.fileExists(atPath: q.path) else { throw XCTSkip("easy-vqa not installed") }
+        let clean = try Dataset.open("easy-vqa:test", seed: 2, root: root)
+        let shifted = try Dataset.open("easy-vqa-c:gaussian_noise:3", seed: 2, root: root)
+        XCTAssertEqual(shifted.name, "easy-vqa-c:gaussian_noise:3")
+        XCTAssertEqual(shifted.items.map(\.prompt), clean.items.map(\.prompt))
+        XCTAssertEqual(shifted.items.map(\.answer), clean.items.map(\.answer))
+        // Items 0 and 1 ask about image 0; item 0 and the first item about another image differ.
+        guard case .file(let url0)? = clean.items[0].image, case .file(let url1)? = clean.items[1].image else {
+            return XCTFail("clean easy-VQA images are files")
+        }
+        XCTAssertEqual(url0, url1)
+        let other = try XCTUnwrap(clean.items.firstIndex { if case .file(let u)? = $0.image { return u != url0 }; return false })
+        let a = try XCTUnwrap(shifted.items[0].image).load(), b = try XCTUnwrap(shifted.items[1].image).load()
+        XCTAssertEqual(a, b, "every question about an image sees the same shifted copy")
+        XCTAssertEqual(a, try XCTUnwrap(try Dataset.open("easy-vqa-c:gaussian_noise:3", seed: 2, root: root).items[0].image).load())
+        let original = try XCTUnwrap(clean.items[0].image).load()
+        XCTAssertEqual([a.width, a.height, a.channels], [original.width, original.height, original.channels])
+        XCTAssertNotEqual(a, original)
+        XCTAssertNotEqual(try XCTUnwrap(shifted.items[other].image).load(), try XCTUnwrap(clean.items[other].image).load())
+        for bad in ["easy-vqa-c:fog:3", "easy-vqa-c:contrast:0", "easy-vqa-c:contrast"] {
+            XCTAssertThrowsError(try Dataset.open(bad, root: root), bad) { XCTAssertTrue("\($0)".contains(bad), "\($0)") }
+        }
+    }
+
+    func testCommaJoinedSpecsInterleaveTheirItems() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mix-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func write(_ name: String, _ n: Int) throws -> String {
+            let rows = (0..<n).map { #"{"prompt": "q\#($0)", "answer": "A", "id": "\#($0)"}"# }
+            try rows.joined(separator: "\n").write(to: dir.appendingPathComponent(name), atomically: true, encoding: .utf8)
+            return dir.appendingPathComponent(name).path
+        }
+        let a = try write("a.jsonl", 3), b = try write("b.jsonl", 1)
+        let mix = try Dataset.open("\(a),\(b)", root: root)
+        XCTAssertEqual(mix.items.map(\.prompt), ["q0", "q0", "q1", "q2"])
+        XCTAssertEqual(mix.items.map(\.id), ["a.jsonl/0", "b.jsonl/0", "a.jsonl/1", "a.jsonl/2"])
+        XCTAssertEqual(mix.name, "a.jsonl,b.jsonl")
+        XCTAssertThrowsError(try Dataset.open("\(a),nope:1", root: root)) { XCTAssertTrue("\($0)".contains("nope:1"), "\($0)") }
+        XCTAssertThrowsError(try Dataset.open("\(a),", root: root))
+    }
+
     func testJSONLFileWithRelativeImagePaths() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ds-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)

@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import Models
 @testable import TTRV
+import Torch
 
 /// `ttrv eval` and a short `ttrv adapt` on the tiny random Qwen2.5-VL and InternVL checkpoints:
 /// the whole path (loader, processor, batched prefill, fan-out, shared-prefix training with the
@@ -65,5 +66,53 @@ final class VLMEndToEndTests: XCTestCase {
 
     func testInternVLEvalAndAdapt() throws {
         try runEndToEnd(model: fixtures.appendingPathComponent("internvl/tiny"), images: fixtures.appendingPathComponent("internvl"))
+    }
+}
+
+/// Vision batch-norm matching for a model trained on several kinds of image: each is a source domain, and
+/// unlabelled test images are matched to the domain that needs the smallest correction.
+final class VisionSourceTests: XCTestCase {
+    func images(_ spec: String, _ n: Int) throws -> [Image] {
+        try Dataset.open(spec).items.prefix(n).compactMap { try $0.image?.load() }
+    }
+
+    func testShiftedImagesMatchTheirOwnDomainAndTheFileRoundTrips() throws {
+        let vlm = try XCTUnwrap(try ModelRegistry.load("default") as? ComposedVLM)
+        try vlm.measureVisionSources([("garments", try images("fashion-mnist:train", 32)),
+                                      ("shapes", try images("easy-vqa:train", 32))])
+        let stats = try vlm.visionSourceStats()
+        let layers = vlm.encoder.batchNorms.count
+        XCTAssertEqual(stats.count, 2 * 2 * layers)
+        XCTAssertEqual(Set(stats.keys.map { String($0.split(separator: "/")[0]) }), ["garments", "shapes"])
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("sources-\(UUID().uuidString).safetensors")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try saveSafeTensors(stats, metadata: [:], to: file)
+        let reloaded = try XCTUnwrap(try ModelRegistry.load("default") as? ComposedVLM)
+        try reloaded.loadVisionSourceStats(file)
+        for (spec, domain) in [("fashion-mnist-c:contrast:5", "garments"), ("fashion-mnist-c:gaussian_noise:3", "garments"),
+                               ("easy-vqa-c:contrast:5", "shapes"), ("easy-vqa-c:gaussian_noise:5", "shapes")] {
+            let corrections = try reloaded.matchVisionSource(try images(spec, 12))
+            XCTAssertEqual(reloaded.matchedVisionSource, domain, spec)
+            XCTAssertEqual(corrections.count, 2 * layers)
+        }
+        // One domain keeps the unprefixed layout of earlier files.
+        try vlm.measureVisionSources([("garments", try images("fashion-mnist:train", 8))])
+        XCTAssertTrue(try vlm.visionSourceStats().keys.allSatisfy { !$0.contains("/") })
+        try vlm.matchVisionSource(try images("fashion-mnist-c:contrast:5", 4))
+        XCTAssertEqual(vlm.matchedVisionSource, "")
+    }
+
+    func testAFileMissingALayerIsAnErrorNamingIt() throws {
+        let vlm = try XCTUnwrap(try ModelRegistry.load("default") as? ComposedVLM)
+        try vlm.measureVisionSources([("a", try images("fashion-mnist:train", 4)), ("b", try images("easy-vqa:train", 4))])
+        var stats = try vlm.visionSourceStats()
+        let dropped = "b/" + vlm.encoder.batchNorms[3].name + ".variance"
+        stats[dropped] = nil
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("sources-\(UUID().uuidString).safetensors")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try saveSafeTensors(stats, metadata: [:], to: file)
+        XCTAssertThrowsError(try vlm.loadVisionSourceStats(file)) {
+            XCTAssertTrue("\($0)".contains(file.path) && "\($0)".contains("b/" + vlm.encoder.batchNorms[3].name), "\($0)")
+        }
     }
 }

@@ -229,6 +229,56 @@ final class LoRATests: XCTestCase {
         }
         XCTAssertThrowsError(try root.addLoRA(rank: 0, alpha: 1, targets: ["other"], generator: gen))
     }
+
+    /// Under bf16 a pass without autograd multiplies by a bf16 copy of the merged weight. The merged weight is
+    /// rebuilt as a new tensor (version 0) after every update, and a copy keyed by the version alone stayed the
+    /// first one built: every rollout and evaluation of a LoRA run used the starting adapters.
+    func testBF16MergedAdapterFollowsUpdates() throws {
+        defer { Precision.current = .fp32 }
+        Precision.current = .bf16
+        let gen = Generator(seed: 4)
+        let layer = try Linear(16, 8, generator: gen)
+        let root = Module()
+        root.register("q_proj", layer)
+        try root.addLoRA(rank: 2, alpha: 4, targets: ["q_proj"], generator: gen)
+        let x = try Tensor.randn([3, 16], generator: gen)
+        for round in 0..<3 {
+            try noGrad { try layer.lora!.b.copy_(Tensor.randn([8, 2], generator: gen)) }
+            let merged = try noGrad { try layer(x) }, unmerged = try withGrad { try layer(x) }
+            XCTAssertLessThan(try (merged - unmerged).abs().max().item(), 0.05, "round \(round)")
+        }
+    }
+
+    /// The fused product equals each linear's own output (LoRA merged in, biases kept), in fp32 and bf16,
+    /// and follows in-place updates of a weight and of an adapter.
+    func testFusedLinearsEqualTheLinearsAndFollowUpdates() throws {
+        defer { Precision.current = .fp32 }
+        let gen = Generator(seed: 5)
+        let parts = try [Linear(8, 6, generator: gen), Linear(8, 3, generator: gen), Linear(8, 3, generator: gen)]
+        let root = Module()
+        for (i, p) in parts.enumerated() { root.register("p\(i)", p) }
+        try root.addLoRA(rank: 2, alpha: 4, targets: ["p0", "p2"], generator: gen)
+        let fused = FusedLinears(parts)
+        let x = try Tensor.randn([2, 4, 8], generator: gen)
+        for precision in [Precision.fp32, .bf16] {
+            Precision.current = precision
+            for round in 0..<3 {
+                let together = try noGrad { try fused(x) }
+                let apart = try noGrad { try parts.map { try $0(x) } }
+                let tolerance = precision == .fp32 ? 1e-5 : 2e-2
+                for (t, a) in zip(together, apart) {
+                    XCTAssertEqual(t.shape, a.shape)
+                    XCTAssertLessThan(try (t - a).abs().max().item(), tolerance, "\(precision) round \(round)")
+                }
+                let g = try withGrad { try fused(x) }
+                XCTAssertEqual(g.map(\.shape), apart.map(\.shape), "under autograd each linear runs on its own")
+                try noGrad {
+                    try parts[1].weight.add_(Tensor.randn([3, 8], generator: gen))
+                    try parts[2].lora!.b.copy_(Tensor.randn([3, 2], generator: gen))
+                }
+            }
+        }
+    }
 }
 
 final class PrecisionTests: XCTestCase {
@@ -260,5 +310,19 @@ final class PrecisionTests: XCTestCase {
         // d(sum(xWᵀ))/dW = column sums of x, to bf16 accuracy.
         let expected = try x.sum(dim: 0).unsqueeze(0).expand([32, 64])
         XCTAssertLessThan(try (g - expected).abs().max().item(), 0.05 * (try expected.abs().max().item()))
+    }
+}
+
+final class OptimizerVersionTests: XCTestCase {
+    /// Caches of derived weights (bf16 copies, merged LoRA, fused projections) are keyed by libtorch's
+    /// version counter, so an optimiser step must advance the version of every tensor it changes.
+    func testAdamWStepAdvancesTheVersionOfWhatItUpdates() throws {
+        let p = try Tensor.randn([4, 3], generator: Generator(seed: 1))
+        try p.requiresGrad(true)
+        let opt = try AdamW([p], lr: 0.1)
+        try withGrad { try (p * p).sum().backward() }
+        let before = p.version
+        try opt.step()
+        XCTAssertNotEqual(p.version, before, "AdamW changed the weight in place without a new version")
     }
 }
