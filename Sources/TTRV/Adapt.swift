@@ -164,7 +164,7 @@ public struct StepLog: Codable, Sendable, Equatable {
     var guardStats: CollapseGuard.StepStats {
         CollapseGuard.StepStats(step: step, majorityRatio: majorityRatio, invalidShare: invalidShare,
                                 meanResponseLength: responseLength, answerEntropy: answerEntropy, majorities: majorities,
-                                kl: kl)
+                                itemIds: itemIds, kl: kl)
     }
 }
 

@@ -151,15 +151,18 @@ public struct CollapseGuard: Sendable {
         public var answerEntropy: Double
         /// Each prompt's majority answer, nil where a prompt has no valid answer.
         public var majorities: [String?]
+        /// Each prompt's item id, when known (else every prompt counts as a distinct item).
+        public var itemIds: [String]?
         /// KL to the starting policy per token, measured at the step's start (so it is that of the
         /// weights the previous step left).
         public var kl: Double
 
         public init(
             step: Int, majorityRatio: Double, invalidShare: Double, meanResponseLength: Double,
-            answerEntropy: Double, majorities: [String?], kl: Double = 0
+            answerEntropy: Double, majorities: [String?], itemIds: [String]? = nil, kl: Double = 0
         ) {
             self.step = step
+            self.itemIds = itemIds
             self.majorityRatio = majorityRatio
             self.invalidShare = invalidShare
             self.meanResponseLength = meanResponseLength
@@ -197,9 +200,10 @@ public struct CollapseGuard: Sendable {
         public var minResponseLength = 1.0
         /// Every prompt unanimous on the same answer for at least this many consecutive steps …
         public var constantPatience = 3
-        /// … and over at least this many prompts in the run (small batches need more steps).
+        /// … and over at least this many distinct items in the run (small batches need more steps).
         /// A healthy model with uniformly placed correct letters agrees on one letter over 8
-        /// prompts by chance with probability 4^-(8-1) ≈ 6e-5.
+        /// items by chance with probability 4^-(8-1) ≈ 6e-5; one item repeated (`--one-example`)
+        /// agreeing with itself is no sign at all.
         public var constantMinPrompts = 8
         /// A KL to the starting policy above this (nats per token) stops at once: the policy has left
         /// the region where its own votes can be trusted. Healthy default runs stay below 0.015; a run at
@@ -221,7 +225,7 @@ public struct CollapseGuard: Sendable {
     private var invalidRun = 0
     private var invalidMajorityRun = 0
     /// The current run of steps unanimous on one answer: the answer, steps and prompts.
-    private var constantRun: (answer: String, steps: Int, prompts: Int)?
+    private var constantRun: (answer: String, steps: Int, items: Set<String>)?
 
     /// Why to stop; nil while training looks healthy. Once set, it stays set.
     public private(set) var stopReason: Reason?
@@ -258,9 +262,10 @@ public struct CollapseGuard: Sendable {
         invalidRun = invalidSign ? invalidRun + 1 : 0
         invalidMajorityRun = invalidMajoritySign ? invalidMajorityRun + 1 : 0
         if let answer = constant {
-            let (steps, prompts) = constantRun?.answer == answer
-                ? (constantRun!.steps, constantRun!.prompts) : (0, 0)
-            constantRun = (answer, steps + 1, prompts + s.majorities.count)
+            let (steps, items) = constantRun?.answer == answer
+                ? (constantRun!.steps, constantRun!.items) : (0, [])
+            let ids = s.itemIds ?? s.majorities.indices.map { "step \(s.step) prompt \($0)" }
+            constantRun = (answer, steps + 1, items.union(ids))
         } else {
             constantRun = nil
         }
@@ -280,7 +285,7 @@ public struct CollapseGuard: Sendable {
         } else if invalidMajorityRun >= t.invalidPatience {
             stopReason = .invalidMajority(share: invalidMajority)
         } else if let run = constantRun, run.steps >= t.constantPatience,
-                  run.prompts >= t.constantMinPrompts {
+                  run.items.count >= t.constantMinPrompts {
             stopReason = .constantAnswer(run.answer)
         }
         return shouldStop

@@ -299,6 +299,22 @@ final class CollapseGuardTests: XCTestCase {
         var k = CollapseGuard()
         for step in 0..<3 { XCTAssertFalse(k.observe(stats(step, entropy: 0, majorities: ["C", "C"]))) }
         XCTAssertTrue(k.observe(stats(3, entropy: 0, majorities: ["C", "C"])))
+        // One image repeated (--one-example) agrees with itself whatever the health of the run: the prompts
+        // of every step are one item, so no run of steps covers 8 items (measured before this rule: 2 of 3
+        // one-example runs on shot noise 5 were stopped at steps 3 and 8 for "constant answer B").
+        var one = CollapseGuard()
+        for step in 0..<10 {
+            var s = stats(step, entropy: 0, majorities: ["B", "B", "B", "B"])
+            s.itemIds = Array(repeating: "test-0", count: 4)
+            XCTAssertFalse(one.observe(s), "step \(step)")
+        }
+        // Distinct items with ids count as before.
+        var ids = CollapseGuard()
+        for step in 0..<3 {
+            var s = stats(step, entropy: 0, majorities: ["B", "B", "B", "B"])
+            s.itemIds = (0..<4).map { "item-\(step * 4 + $0)" }
+            XCTAssertEqual(ids.observe(s), step == 2, "step \(step)")
+        }
     }
 
     func testStatsFromVotes() {
