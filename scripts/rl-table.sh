@@ -32,6 +32,7 @@ def stopped(path):
         with open(path) as f: return json.load(f).get("stopped_early")
     except FileNotFoundError: return None
 cols = ["base greedy", "maj@32", "vision-norm only", "RL only", "norm + RL", "one-example (RL only)"]
+stops = []
 gains = {}  # data -> (RL only − base, norm + RL − norm only, one-example − base), paired by seed, means
 print("| data | " + " | ".join(cols) + " |")
 print("|---|" + "---|" * len(cols))
@@ -39,7 +40,6 @@ for data in sorted(os.listdir(root)):
     d = os.path.join(root, data)
     if not os.path.isdir(d): continue
     rows = {c: [] for c in cols}
-    stops = []
     for seed in sorted(os.listdir(d)):
         s = os.path.join(d, seed)
         vals = [acc(f"{s}/base.json"), acc(f"{s}/base.json", "maj_accuracy"),
@@ -47,18 +47,18 @@ for data in sorted(os.listdir(root)):
                 acc(f"{s}/norm-rl/report.json", "accuracy_after"), acc(f"{s}/one/report.json", "accuracy_after")]
         for c, v in zip(cols, vals):
             if v is not None: rows[c].append(v)
-        stops += [f"{seed}/{v}: {r}" for v in ("rl", "norm-rl", "one") if (r := stopped(f"{s}/{v}/report.json"))]
+        stops += [f"{data} {seed} {v}: {r}" for v in ("rl", "norm-rl", "one") if (r := stopped(f"{s}/{v}/report.json"))]
     def cell(v):
         return "–" if not v else " / ".join(f"{x:.1f}" for x in v) + (f" (**{st.mean(v):.1f}**)" if len(v) > 1 else "")
     name = next((json.load(open(f"{d}/{s}/base.json"))["dataset"] for s in sorted(os.listdir(d))
                  if os.path.exists(f"{d}/{s}/base.json")), data)
     print(f"| {name} | " + " | ".join(cell(rows[c]) for c in cols) + " |")
-    for s in stops: print(f"|   stopped early: {s} |")
     def paired(a, b):
         n = min(len(rows[a]), len(rows[b]))
         return st.mean(rows[a][i] - rows[b][i] for i in range(n)) if n else None
     gains[name] = (paired("RL only", "base greedy"), paired("norm + RL", "vision-norm only"),
                    paired("one-example (RL only)", "base greedy"), len(rows["RL only"]))
+for s in stops: print(f"\nstopped early (by the collapse guard, start restored): {s}")
 print("\n| data | RL only − base | norm + RL − norm only | one-example − base | seeds |\n|---|---|---|---|---|")
 fmt = lambda v: "–" if v is None else f"{v:+.1f}"
 for name, g in gains.items(): print(f"| {name} | {fmt(g[0])} | {fmt(g[1])} | {fmt(g[2])} | {g[3]} |")
