@@ -188,6 +188,7 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
     func loadVisionSourceStats(_ url: URL) throws {
         let file = try SafeTensorsFile(url: url).tensors(as: .float32)
         let domains = Set(file.keys.map { key in key.lastIndex(of: "/").map { String(key[..<$0]) } ?? "" }).sorted()
+        guard !domains.isEmpty else { throw ModelError("\(url.path): no statistics in the file") }
         visionSources = try domains.map { domain in
             let prefix = domain.isEmpty ? "" : domain + "/"
             return (domain, try encoder.batchNorms.map { name, bn in

@@ -114,5 +114,7 @@ final class VisionSourceTests: XCTestCase {
         XCTAssertThrowsError(try vlm.loadVisionSourceStats(file)) {
             XCTAssertTrue("\($0)".contains(file.path) && "\($0)".contains("b/" + vlm.encoder.batchNorms[3].name), "\($0)")
         }
+        try saveSafeTensors([:], metadata: [:], to: file)
+        XCTAssertThrowsError(try vlm.loadVisionSourceStats(file)) { XCTAssertTrue("\($0)".contains(file.path), "\($0)") }
     }
 }
