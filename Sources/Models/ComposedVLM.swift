@@ -217,19 +217,22 @@ public final class ComposedVLM: VisionLanguageModel, ChatTemplated {
         guard hasVisionSource else {
             throw ModelError("model has no vision source statistics (\(Self.visionSourceFile)); `ttrv calibrate --model DIR --data SPEC` measures them on clean data")
         }
-        var best: (domain: String, cost: Double, corrections: [String: Tensor])?
+        var best: (domain: String, stats: [(mean: Tensor, variance: Tensor)], cost: Double)?
         for (domain, stats) in visionSources {
-            for ((_, bn), s) in zip(encoder.batchNorms, stats) { bn.source = s }
-            try encoder.calibrate(images, mode: .matchSource)
+            try match(images, to: stats)
             let cost = visionSources.count == 1 ? 0 : try correctionSize()
-            if best == nil || cost < best!.cost { best = (domain, cost, visionCorrections()) }
+            if best == nil || cost < best!.cost { best = (domain, stats, cost) }
         }
-        for (name, bn) in encoder.batchNorms {
-            try bn.setCorrection(scale: best!.corrections[name + ".scale"], shift: best!.corrections[name + ".shift"])
-        }
+        // The corrections in effect are the last domain's; put the nearest one's back when it was another.
+        if best!.domain != visionSources.last!.domain { try match(images, to: best!.stats) }
         matchedVisionSource = best!.domain
         clearImageCache()
-        return best!.corrections
+        return visionCorrections()
+    }
+
+    private func match(_ images: [Image], to stats: [(mean: Tensor, variance: Tensor)]) throws {
+        for ((_, bn), s) in zip(encoder.batchNorms, stats) { bn.source = s }
+        try encoder.calibrate(images, mode: .matchSource)
     }
 
     /// How far the corrections in effect are from none, in the source's own units: per channel the squared

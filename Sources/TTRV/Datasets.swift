@@ -122,8 +122,7 @@ public struct Dataset: Sendable {
         items.reserveCapacity(shape[0])
         for i in 0..<shape[0] {
             var img = Image(width: w, height: h, channels: 1, pixels: Array(pixels[(i * h * w)..<((i + 1) * h * w)]))
-            // Each image gets its own noise draw, reproducible from (seed, index).
-            if let (s, sev) = shift { img = applyShift(s, severity: sev, to: img, seed: seed &+ UInt64(i) &* 0x9E37_79B9_7F4A_7C15) }
+            if let (s, sev) = shift { img = applyShift(s, severity: sev, to: img, seed: imageSeed(seed, i)) }
             let id = "\(split)-\(i)"
             let mc = buildMultipleChoice(classNames: fashionClasses, correct: Int(labels[i]), itemSeed: multipleChoiceSeed(datasetSeed: seed, itemID: id))
             items.append(Item(id: id, prompt: mc.prompt, image: .memory(img), answer: mc.answerLetter, options: mc.options,
@@ -135,6 +134,11 @@ public struct Dataset: Sendable {
 
     /// easy-VQA posed as multiple choice over answers of the same type (as the reference poses
     /// VQA): yes/no questions get two options, shape questions three, colour questions four.
+    /// Each image's own noise draw for a shift, reproducible from the dataset's seed and the image's number.
+    static func imageSeed(_ seed: UInt64, _ image: Int) -> UInt64 {
+        seed &+ UInt64(bitPattern: Int64(image)) &* 0x9E37_79B9_7F4A_7C15
+    }
+
     /// With a shift, every question about one image sees the same shifted copy of it (its noise drawn
     /// from the seed and the image id), as Fashion-MNIST-C shifts each test image once.
     static func easyVQA(split: String, root: URL, seed: UInt64, shift: (Shift, Int)? = nil) throws -> Dataset {
@@ -165,7 +169,7 @@ public struct Dataset: Sendable {
                 + zip(letters, options).map { "\($0). \($1)" }.joined(separator: "\n")
             let file = dir.appendingPathComponent("images/\(imgID).png")
             let image: ImageSource = shift.map {
-                .shiftedFile(file, $0.0, severity: $0.1, seed: seed &+ UInt64(bitPattern: Int64(imgID)) &* 0x9E37_79B9_7F4A_7C15)
+                .shiftedFile(file, $0.0, severity: $0.1, seed: imageSeed(seed, imgID))
             } ?? .file(file)
             items.append(Item(id: "\(split)-\(i)", prompt: prompt, image: image, answer: letters[pos], options: options, label: a))
         }

@@ -261,8 +261,8 @@ struct Calibrate: ParsableCommand {
         try vlm.measureVisionSources(domains)
         let dir = model == "default" ? ModelRegistry.defaultModelDir : URL(fileURLWithPath: model)
         let url = dir.appendingPathComponent(ComposedVLM.visionSourceFile)
-        try saveSafeTensors(try vlm.visionSourceStats(), metadata: ["data": data.joined(separator: " "), "images_per_domain": "\(limit)"],
-                            to: url)
+        let counts = domains.map { "\($0.images.count)" }.joined(separator: " ")
+        try saveSafeTensors(try vlm.visionSourceStats(), metadata: ["data": data.joined(separator: " "), "images": counts], to: url)
         print("wrote \(url.path): statistics of \(vlm.encoder.batchNorms.count) batch-norm layers on \(data.joined(separator: ", ")), "
               + "≤ \(limit) images each")
     }
