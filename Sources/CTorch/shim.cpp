@@ -363,6 +363,20 @@ tt_tensor tt_flip(tt_tensor t, const int64_t *d, int n) { TRY_HANDLE(at::flip(T(
 
 // in place
 int tt_copy_(tt_tensor dst, tt_tensor src) { TRY_STATUS(dst->t.copy_(T(src))) }
+// Exchanges the storages of two tensors of one shape and dtype, without copying a byte: both keep their
+// identity (module references, grads, autograd metadata) and both versions advance, so every copy derived
+// from either (bf16 casts, merged LoRA, fused projections) is rebuilt.
+int tt_swap_(tt_tensor a, tt_tensor b) {
+  TRY_STATUS({
+    if (a->t.sizes() != b->t.sizes() || a->t.dtype() != b->t.dtype())
+      throw std::invalid_argument("swap_: tensors differ in shape or dtype");
+    c10::AutoGradMode no_grad(false);
+    at::Tensor held = at::empty({0}, a->t.options());
+    held.set_(a->t);
+    a->t.set_(b->t);
+    b->t.set_(held);
+  })
+}
 int tt_fill_(tt_tensor t, double v) { TRY_STATUS(t->t.fill_(v)) }
 int tt_add_(tt_tensor t, tt_tensor o, double alpha) { TRY_STATUS(t->t.add_(T(o), alpha)) }
 int tt_mul_scalar_(tt_tensor t, double s) { TRY_STATUS(t->t.mul_(s)) }

@@ -283,6 +283,12 @@ extension Adapter {
         }
     }
 
+    func exchange(_ values: [Tensor]) throws {
+        do { for (p, v) in zip(trainable, values) { try p.tensor.swap_(v) } } catch {
+            throw AdaptError.weightRestore("\(error)")
+        }
+    }
+
     /// Puts `values` into the trained tensors.
     func restore(_ values: [Tensor]) throws {
         do { try noGrad { for (p, v) in zip(trainable, values) { try p.tensor.copy_(v) } } } catch {
@@ -290,13 +296,13 @@ extension Adapter {
         }
     }
 
-    /// Runs `body` with `values` in place of the trained tensors, then puts the live ones back; a failed
-    /// restore is an error that stops the run (training on the wrong weights would go unnoticed).
+    /// Runs `body` with `values` in place of the trained tensors, then puts the live ones back. The storages
+    /// are exchanged, not copied (full fine-tuning would otherwise copy the whole model twice per step); a
+    /// failed exchange back is an error that stops the run (training on the wrong weights would go unnoticed).
     func withWeights<R>(_ values: [Tensor], _ body: () throws -> R) throws -> R {
-        let live = try copies(trainable.map(\.tensor))
-        try restore(values)
+        try exchange(values)
         let result = Result { try body() }
-        try restore(live)
+        try exchange(values)
         return try result.get()
     }
 }

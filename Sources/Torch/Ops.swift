@@ -318,6 +318,9 @@ extension Tensor {
     // MARK: in place (caches, optimisers; not recorded for autograd)
 
     public func copy_(_ src: Tensor) throws { try Tensor.status(self, src) { tt_copy_(handle, src.handle) } }
+    /// Exchanges this tensor's storage with `other`'s (same shape and dtype) without copying: each keeps
+    /// its identity, and both versions advance.
+    public func swap_(_ other: Tensor) throws { try Tensor.status(self, other) { tt_swap_(handle, other.handle) } }
     public func fill_(_ v: Double) throws { try Tensor.status(self) { tt_fill_(handle, v) } }
     public func add_(_ o: Tensor, alpha: Double = 1) throws { try Tensor.status(self, o) { tt_add_(handle, o.handle, alpha) } }
     public func mul_(_ s: Double) throws { try Tensor.status(self) { tt_mul_scalar_(handle, s) } }

@@ -325,4 +325,31 @@ final class OptimizerVersionTests: XCTestCase {
         try opt.step()
         XCTAssertNotEqual(p.version, before, "AdamW changed the weight in place without a new version")
     }
+
+    /// Adaptation swaps the reference weights in for the KL pass by exchanging storages: each tensor must
+    /// keep its identity and gradient, hold the other's values, and advance its version (so derived copies,
+    /// such as a bf16 cast, are rebuilt); a second exchange restores both.
+    func testSwapExchangesValuesAndAdvancesVersions() throws {
+        let p = try Tensor.randn([4, 3], generator: Generator(seed: 1))
+        try p.requiresGrad(true)
+        try withGrad { try (p * p).sum().backward() }
+        let r = try Tensor.randn([4, 3], generator: Generator(seed: 2))
+        let (pv, rv) = (try p.detach().floats(), try r.floats())
+        var cache = CastCache()
+        let castBefore = try noGrad { try cache.bf16(p).to(.float32).floats() }
+        let (vp, vr) = (p.version, r.version)
+        try p.swap_(r)
+        XCTAssertEqual(try p.detach().floats(), rv)
+        XCTAssertEqual(try r.floats(), pv)
+        XCTAssertTrue(p.requiresGrad)
+        XCTAssertEqual(try p.grad?.floats(), pv.map { 2 * $0 })
+        XCTAssertNotEqual(p.version, vp)
+        XCTAssertNotEqual(r.version, vr)
+        let castAfter = try noGrad { try cache.bf16(p).to(.float32).floats() }
+        XCTAssertNotEqual(castAfter, castBefore, "the bf16 copy was not rebuilt after the exchange")
+        try p.swap_(r)
+        XCTAssertEqual(try p.detach().floats(), pv)
+        XCTAssertEqual(try r.floats(), rv)
+        XCTAssertThrowsError(try p.swap_(Tensor.zeros([3, 4])))
+    }
 }
