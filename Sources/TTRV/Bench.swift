@@ -145,7 +145,9 @@ public enum Bench {
 
     /// One TTRV step at the reference settings on the decoder alone (text MCQ prompt, 32 votes,
     /// 16 trained, ≤ 8 new tokens, full fp32 fine-tuning, PPO-clip + low_var_kl, AdamW).
-    public static func ttrvStep(_ lm: LanguageModel, steps: Int = 5, out: URL) throws -> [String: Double] {
+    /// With `profile`, libtorch's operator profile of the measured steps is written there.
+    public static func ttrvStep(_ lm: LanguageModel, steps: Int = 5, out: URL, profile: String? = nil) throws
+        -> [String: Double] {
         let vlm = TextOnlyVLM(lm)
         let promptIds = try peerPrompt(lm)
         // The peer's prompt as a user message (its chat wrapper is added back by prepare).
@@ -163,7 +165,9 @@ public enum Bench {
         o.epochs = steps + 1
         let adapter = try Adapter(vlm: vlm, options: o, out: out, log: { _ in })
         var logs: [StepLog] = []
-        for i in 0...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1)) }
+        logs.append(try adapter.step([item], index: 0, epoch: 0, totalSteps: steps + 1))
+        let measure = { for i in 1...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1)) } }
+        if let profile { try LibTorch.profile(to: profile, measure) } else { try measure() }
         let measured = Array(logs.dropFirst())
         func med(_ f: (StepLog) -> Double) -> Double { let v = measured.map(f).sorted(); return v[v.count / 2] }
         return ["ttrv_step_seconds": med(\.seconds), "ttrv_rollout_seconds": med(\.rolloutSeconds),

@@ -237,6 +237,15 @@ public enum LibTorch {
     public static func manualSeed(_ seed: UInt64) { tt_manual_seed(seed) }
     public static var cudaAvailable: Bool { tt_cuda_is_available() != 0 }
     public static var gradEnabled: Bool { tt_is_grad_enabled() != 0 }
+
+    /// libtorch's operator profile of `body`, written to `path` as "self_ms total_ms calls name" lines sorted by
+    /// self time (an operator's time minus that of the operators it called).
+    public static func profile<R>(to path: String, _ body: () throws -> R) throws -> R {
+        if tt_profile_start() != 0 { throw Tensor.lastError() }
+        let result = Result { try body() }
+        if tt_profile_stop(path) != 0 { throw Tensor.lastError() }
+        return try result.get()
+    }
 }
 
 /// Runs `body` with autograd recording off (inference, optimiser updates).

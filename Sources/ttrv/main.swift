@@ -157,6 +157,8 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Which groups to run: foundation, generate, step, eval, dist.") var only: [String] = []
     @Option(help: "Threads (the reference pins 2).") var threads: Int = 2
     @Option(help: "Only this precision (default: fp32, and bf16 where the CPU has it).") var dtype: Precision?
+    @Option(help: "Write libtorch's operator profile of the TTRV step to DIR/step-<dtype>.txt (slows the step).")
+    var profile: String?
 
     func run() throws {
         LibTorch.threads = threads
@@ -196,7 +198,10 @@ struct BenchCommand: ParsableCommand {
                 let lm = try LMLoader.load(url)
                 let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("ttrv-bench-\(getpid())")
                 defer { try? FileManager.default.removeItem(at: tmp) }
-                let s = try Bench.ttrvStep(lm, out: tmp)
+                let s = try Bench.ttrvStep(lm, out: tmp, profile: try profile.map { dir in
+                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                    return "\(dir)/step-\(precision.rawValue).txt"
+                })
                 for name in ["ttrv_step_seconds", "ttrv_rollout_seconds", "ttrv_old_ref_logprob_seconds",
                              "ttrv_fwd_bwd_seconds", "ttrv_optim_seconds"] {
                     add(name + sfx, s[name]!, "s")

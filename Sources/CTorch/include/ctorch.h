@@ -179,6 +179,10 @@ int tt_group_barrier(tt_group g);
 // The local IP address that packets to `host` leave from (no packet is sent), written to out.
 int tt_local_address_towards(const char *host, char *out, size_t cap);
 
+
+// operator profile: start, then stop writing "self_ms total_ms calls name" lines to path
+int tt_profile_start(void);
+int tt_profile_stop(const char *path);
 #ifdef __cplusplus
 }
 #endif
