@@ -149,3 +149,43 @@ final class TensorTests: XCTestCase {
         XCTAssertLessThan(grown, 4_000, "RSS grew by \(grown) KB over 100k tensors")
     }
 }
+
+/// A single input row times an fp32 weight runs through the shim's own row-dot kernel (batch-1 decode); its
+/// result must equal the dot products worked out in double precision, for every shape the kernel splits
+/// differently (K below, at and above its 32- and 8-wide blocks, with and without bias, 1-D to 3-D inputs),
+/// and under autograd the library's product must still carry gradients.
+final class SingleRowLinearTests: XCTestCase {
+    func reference(_ x: [Float], _ w: [Float], _ b: [Float]?, n: Int, k: Int) -> [Float] {
+        (0..<n).map { r in
+            Float((0..<k).reduce(0.0) { $0 + Double(x[$1]) * Double(w[r * k + $1]) } + Double(b?[r] ?? 0))
+        }
+    }
+
+    func testSingleRowProductEqualsTheDotProducts() throws {
+        for (n, k) in [(5, 3), (7, 8), (130, 37), (64, 576), (1000, 1536)] {
+            for biased in [false, true] {
+                for shape in [[k], [1, k], [1, 1, k]] {
+                    let g = Generator(seed: UInt64(n * k))
+                    let x = try Tensor.randn(shape, generator: g), w = try Tensor.randn([n, k], generator: g)
+                    let b = biased ? try Tensor.randn([n], generator: g) : nil
+                    let y = try noGrad { try F.linear(x, w, b) }
+                    XCTAssertEqual(y.shape, Array(shape.dropLast()) + [n])
+                    let want = reference(try x.floats(), try w.floats(), try b?.floats(), n: n, k: k)
+                    for (got, exp) in zip(try y.floats(), want) {
+                        XCTAssertEqual(got, exp, accuracy: 1e-4 * max(1, abs(exp)), "n \(n) k \(k) shape \(shape)")
+                    }
+                }
+            }
+        }
+    }
+
+    func testGradientsStillFlowForASingleRow() throws {
+        let g = Generator(seed: 3)
+        let x = try Tensor.randn([1, 1, 40], generator: g), w = try Tensor.randn([9, 40], generator: g)
+        try w.requiresGrad(true)
+        try withGrad { try F.linear(x, w, nil).sum().backward() }
+        let grad = try XCTUnwrap(w.grad).floats()
+        let xs = try x.floats()
+        for r in 0..<9 { for c in 0..<40 { XCTAssertEqual(grad[r * 40 + c], xs[c], accuracy: 1e-6) } }
+    }
+}
