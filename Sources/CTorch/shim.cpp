@@ -10,6 +10,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
 #include <immintrin.h>
@@ -422,20 +423,44 @@ tt_tensor tt_flip(tt_tensor t, const int64_t *d, int n) { TRY_HANDLE(at::flip(T(
 
 // in place
 int tt_copy_(tt_tensor dst, tt_tensor src) { TRY_STATUS(dst->t.copy_(T(src))) }
-// Exchanges the storages of two tensors of one shape and dtype, without copying a byte: both keep their
-// identity (module references, grads, autograd metadata) and both versions advance, so every copy derived
-// from either (bf16 casts, merged LoRA, fused projections) is rebuilt.
+// Exchanges the storages of two tensors of one shape and dtype, without copying a byte, and their version
+// counters with them: a counter then follows the values it counts changes of, so a copy derived from some
+// values (a bf16 cast) is still recognised as current when those values come back (the reference weights
+// swapped in for the KL pass every step). Caches key on the storage (data pointer) and its version.
 int tt_swap_(tt_tensor a, tt_tensor b) {
   TRY_STATUS({
     if (a->t.sizes() != b->t.sizes() || a->t.dtype() != b->t.dtype())
       throw std::invalid_argument("swap_: tensors differ in shape or dtype");
     c10::AutoGradMode no_grad(false);
     at::Tensor held = at::empty({0}, a->t.options());
-    held.set_(a->t);
-    a->t.set_(b->t);
-    b->t.set_(held);
+    {
+      at::AutoDispatchBelowADInplaceOrView below; // set_ without bumping: the counters move instead
+      held.set_(a->t);
+      a->t.set_(b->t);
+      b->t.set_(held);
+    }
+    c10::VariableVersion va = a->t.unsafeGetTensorImpl()->version_counter();
+    c10::VariableVersion vb = b->t.unsafeGetTensorImpl()->version_counter();
+    a->t.unsafeGetTensorImpl()->set_version_counter(std::move(vb));
+    b->t.unsafeGetTensorImpl()->set_version_counter(std::move(va));
   })
 }
+
+// `cached` (a bf16 copy of the weight `w`, made earlier from the same values) in the graph as if it were
+// `w` cast now: the forward reuses the copy, the backward casts the gradient back to w's dtype.
+struct CachedCast : public torch::autograd::Function<CachedCast> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &w, const at::Tensor &cached) {
+    ctx->saved_data["dtype"] = static_cast<int64_t>(w.scalar_type());
+    return cached.detach();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {grads[0].to(dtype), at::Tensor()};
+  }
+};
+tt_tensor tt_cached_cast(tt_tensor w, tt_tensor cached) { TRY_HANDLE(CachedCast::apply(T(w), T(cached))) }
+
 int tt_fill_(tt_tensor t, double v) { TRY_STATUS(t->t.fill_(v)) }
 int tt_add_(tt_tensor t, tt_tensor o, double alpha) { TRY_STATUS(t->t.add_(T(o), alpha)) }
 int tt_mul_scalar_(tt_tensor t, double s) { TRY_STATUS(t->t.mul_(s)) }

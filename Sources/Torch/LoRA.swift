@@ -10,7 +10,7 @@ public final class LoRA {
     /// W + scale·B·A for passes without autograd (rollout, evaluation): one matmul instead of three
     /// plus an add per call. Rebuilt when W, A or B has been modified in place since (optimiser
     /// step, load, weight swap), which libtorch's version counters tell.
-    private var merged: (weight: Tensor, versions: [Int])?
+    private var merged: (weight: Tensor, versions: [ContentVersion])?
     private var cast = CastCache(), baseCast = CastCache()
 
     init(inFeatures: Int, outFeatures: Int, rank: Int, alpha: Double, generator: Generator?) throws {
@@ -28,14 +28,14 @@ public final class LoRA {
             // of B would round away in bf16.
             return try F.linear(x, weight, bias, cache: &baseCast) + F.linear(F.linear(x, a), b) * scale
         }
-        let versions = [weight.version, a.version, b.version]
+        let versions = [weight.contentVersion, a.contentVersion, b.contentVersion]
         if merged?.versions != versions { merged = (try merge(weight), versions) }
         return try F.linear(x, merged!.weight, bias, cache: &cast)
     }
 
     func merge(_ weight: Tensor) throws -> Tensor { try noGrad { try weight + b.matmul(a) * scale } }
 
-    var versions: [Int] { [a.version, b.version] }
+    var versions: [ContentVersion] { [a.contentVersion, b.contentVersion] }
 }
 
 /// Linears that read the same input (q/k/v, gate/up) as one product in passes without autograd: their
@@ -46,7 +46,7 @@ public final class FusedLinears {
     let parts: [Linear]
     /// Mixed biased and unbiased parts would need a padded bias; they simply run one by one.
     let fusable: Bool
-    private var fused: (weight: Tensor, bias: Tensor?, key: [Int])?
+    private var fused: (weight: Tensor, bias: Tensor?, key: [ContentVersion])?
 
     public init(_ parts: [Linear]) {
         self.parts = parts
@@ -56,14 +56,15 @@ public final class FusedLinears {
     public func callAsFunction(_ x: Tensor) throws -> [Tensor] {
         guard !LibTorch.gradEnabled, fusable else { return try parts.map { try $0(x) } }
         let bf16 = Precision.current == .bf16 && x.dtype == .float32
-        let key = parts.flatMap(\.versions) + [bf16 ? 1 : 0]
+        let key = parts.flatMap(\.versions) + [ContentVersion(storage: 0, count: bf16 ? 1 : 0)]
         if fused?.key != key { fused = nil; fused = try concatenated(bf16: bf16, key: key) }
         let (w, b) = (fused!.weight, fused!.bias)
         let y = bf16 ? try F.linear(x.to(.bfloat16), w, b).to(.float32) : try F.linear(x, w, b)
         return try y.split(parts.map(\.outFeatures), dim: -1)
     }
 
-    private func concatenated(bf16: Bool, key: [Int]) throws -> (weight: Tensor, bias: Tensor?, key: [Int]) {
+    private func concatenated(bf16: Bool, key: [ContentVersion]) throws
+        -> (weight: Tensor, bias: Tensor?, key: [ContentVersion]) {
         try noGrad {
             let dtype: DType = bf16 ? .bfloat16 : .float32
             let w = try Tensor.cat(parts.map { try $0.inferenceWeight() }, dim: 0).to(dtype)

@@ -181,7 +181,9 @@ public final class Linear: Module {
     func inferenceWeight() throws -> Tensor { try lora?.merge(weight) ?? weight }
 
     /// Changes whenever the weight, bias or adapter changes in place.
-    var versions: [Int] { [weight.version, bias?.version ?? 0] + (lora?.versions ?? []) }
+    var versions: [ContentVersion] {
+        [weight.contentVersion] + (bias.map { [$0.contentVersion] } ?? []) + (lora?.versions ?? [])
+    }
 
     var loraChildren: [Module] { lora == nil ? [] : children.filter { $0.name.hasPrefix("lora_") }.map(\.module) }
 }

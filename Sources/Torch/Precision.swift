@@ -22,16 +22,24 @@ public enum Precision: String, Sendable, CaseIterable {
 /// For a weight that trains, under autograd, the cast is part of the graph instead, so the fp32 master
 /// weight gets the gradient.
 public struct CastCache {
-    private var cached: (source: Tensor, version: Int, tensor: Tensor)?
+    /// Two entries: a weight's live values and the reference values swapped in for the KL pass each step.
+    private var entries: [(source: Tensor, content: ContentVersion, tensor: Tensor)] = []
 
     public init() {}
 
+    /// `w` in bf16, cast once per content. Under autograd a trained weight gets the cached copy through a
+    /// graph node whose backward casts the gradient back, so the training forward reuses the rollout's cast.
     public mutating func bf16(_ w: Tensor) throws -> Tensor {
-        guard !(LibTorch.gradEnabled && w.requiresGrad) else { return try w.to(.bfloat16) }
-        let v = w.version
-        if cached?.source !== w || cached?.version != v { cached = (w, v, try noGrad { try w.to(.bfloat16) }) }
-        // A frozen weight's copy carries no graph, so autograd passes may share it too.
-        return cached!.tensor
+        let content = w.contentVersion
+        let copy: Tensor
+        if let hit = entries.first(where: { $0.source === w && $0.content == content }) {
+            copy = hit.tensor
+        } else {
+            copy = try noGrad { try w.to(.bfloat16) }
+            entries = Array((entries.filter { $0.source === w } + [(w, content, copy)]).suffix(2))
+        }
+        guard LibTorch.gradEnabled && w.requiresGrad else { return copy }
+        return try Tensor.cachedCast(w, copy)
     }
 }
 

@@ -119,6 +119,12 @@ public final class Tensor: @unchecked Sendable {
     public var count: Int { Int(read { tt_numel($0) }) }
     /// In-place modification counter: changes whenever the data is modified in place.
     public var version: Int { Int(read { tt_version($0) }) }
+    /// Changes whenever this tensor's values may have: an in-place write (the version counter) or other values
+    /// swapped in (`swap_` moves storages with their counters, so the pair names the values). What caches of
+    /// derived copies key on.
+    public var contentVersion: ContentVersion {
+        ContentVersion(storage: Int(bitPattern: read { tt_data_ptr($0) }), count: version)
+    }
     public var isContiguous: Bool { read { tt_is_contiguous($0) } != 0 }
     public func size(_ dim: Int) -> Int { shape[dim < 0 ? dim + rank : dim] }
 
@@ -228,6 +234,10 @@ public final class Tensor: @unchecked Sendable {
 }
 
 // MARK: - runtime
+
+public struct ContentVersion: Hashable, Sendable {
+    public let storage: Int, count: Int
+}
 
 public enum LibTorch {
     public static var threads: Int {

@@ -310,6 +310,18 @@ final class PrecisionTests: XCTestCase {
         // d(sum(xWᵀ))/dW = column sums of x, to bf16 accuracy.
         let expected = try x.sum(dim: 0).unsqueeze(0).expand([32, 64])
         XCTAssertLessThan(try (g - expected).abs().max().item(), 0.05 * (try expected.abs().max().item()))
+        // The training forward reuses the cached cast (a graph node standing for the cast): same values and
+        // the same gradient, bit for bit, as casting inside the graph.
+        let w2 = try Tensor.empty(layer.weight.shape)
+        try noGrad { try w2.copy_(layer.weight) }
+        try w2.requiresGrad(true)
+        let (out1, out2) = try withGrad {
+            (try layer(x), try F.linear(x.to(.bfloat16), w2.to(.bfloat16), layer.bias!.to(.bfloat16)).to(.float32))
+        }
+        XCTAssertEqual(try out1.detach().floats(), try out2.detach().floats())
+        try layer.weight.zeroGrad()
+        try withGrad { try (out1 * out1).sum().backward(); try (out2 * out2).sum().backward() }
+        XCTAssertEqual(try XCTUnwrap(layer.weight.grad).floats(), try XCTUnwrap(w2.grad).floats())
     }
 }
 
@@ -327,29 +339,37 @@ final class OptimizerVersionTests: XCTestCase {
     }
 
     /// Adaptation swaps the reference weights in for the KL pass by exchanging storages: each tensor must
-    /// keep its identity and gradient, hold the other's values, and advance its version (so derived copies,
-    /// such as a bf16 cast, are rebuilt); a second exchange restores both.
-    func testSwapExchangesValuesAndAdvancesVersions() throws {
+    /// keep its identity and gradient and hold the other's values; the version counters travel with the values,
+    /// so a derived copy (a bf16 cast) is rebuilt for the other values and recognised again when they return,
+    /// while an in-place write in between still forces a rebuild; a second exchange restores both.
+    func testSwapExchangesValuesAndTheirVersions() throws {
         let p = try Tensor.randn([4, 3], generator: Generator(seed: 1))
         try p.requiresGrad(true)
         try withGrad { try (p * p).sum().backward() }
         let r = try Tensor.randn([4, 3], generator: Generator(seed: 2))
         let (pv, rv) = (try p.detach().floats(), try r.floats())
         var cache = CastCache()
-        let castBefore = try noGrad { try cache.bf16(p).to(.float32).floats() }
-        let (vp, vr) = (p.version, r.version)
+        let castLive = try noGrad { try cache.bf16(p) }
+        let (cp, cr) = (p.contentVersion, r.contentVersion)
         try p.swap_(r)
         XCTAssertEqual(try p.detach().floats(), rv)
         XCTAssertEqual(try r.floats(), pv)
         XCTAssertTrue(p.requiresGrad)
         XCTAssertEqual(try p.grad?.floats(), pv.map { 2 * $0 })
-        XCTAssertNotEqual(p.version, vp)
-        XCTAssertNotEqual(r.version, vr)
-        let castAfter = try noGrad { try cache.bf16(p).to(.float32).floats() }
-        XCTAssertNotEqual(castAfter, castBefore, "the bf16 copy was not rebuilt after the exchange")
+        XCTAssertEqual(p.contentVersion, cr)
+        XCTAssertEqual(r.contentVersion, cp)
+        let castRef = try noGrad { try cache.bf16(p) }
+        XCTAssertEqual(try castRef.to(.float32).floats(), try p.detach().to(.bfloat16).to(.float32).floats())
+        XCTAssertNotEqual(try castRef.to(.float32).floats(), try castLive.to(.float32).floats())
         try p.swap_(r)
         XCTAssertEqual(try p.detach().floats(), pv)
         XCTAssertEqual(try r.floats(), rv)
+        XCTAssertEqual(p.contentVersion, cp)
+        XCTAssertTrue(try noGrad { try cache.bf16(p) } === castLive, "the live values' cast was not reused")
+        try noGrad { try p.mul_(2) }
+        XCTAssertNotEqual(p.contentVersion, cp)
+        XCTAssertEqual(try noGrad { try cache.bf16(p) }.to(.float32).floats(),
+                       try p.detach().to(.bfloat16).to(.float32).floats(), "a write in place left the cast stale")
         XCTAssertThrowsError(try p.swap_(Tensor.zeros([3, 4])))
     }
 }

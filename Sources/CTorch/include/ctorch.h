@@ -130,7 +130,9 @@ tt_tensor tt_flip(tt_tensor t, const int64_t *dims, int ndim);
 
 // in place (no autograd history expected; used by caches and optimisers)
 int tt_copy_(tt_tensor dst, tt_tensor src);
-int tt_swap_(tt_tensor a, tt_tensor b); // exchanges storages (same shape and dtype)
+int tt_swap_(tt_tensor a, tt_tensor b); // exchanges storages and version counters (same shape and dtype)
+// `cached` (a copy of w in another dtype) in the graph as w cast now: backward casts the gradient back
+tt_tensor tt_cached_cast(tt_tensor w, tt_tensor cached);
 int tt_fill_(tt_tensor t, double value);
 int tt_add_(tt_tensor t, tt_tensor other, double alpha);
 int tt_mul_scalar_(tt_tensor t, double s);
