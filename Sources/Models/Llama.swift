@@ -187,11 +187,15 @@ public struct Rotary {
         return (try emb.cos(), try emb.sin())
     }
 
+    /// x·cos + rotate_half(x)·sin, with rotate_half(x) = [−x₂, x₁] written as the halves swapped times a
+    /// sign folded into sin: the same products bit for bit, and a backward without the zero-filled
+    /// gradients that slicing x into halves costs.
     public static func apply(_ x: Tensor, cos: Tensor, sin: Tensor) throws -> Tensor {
         let half = x.size(-1) / 2
-        let x1 = try x.narrow(dim: -1, start: 0, length: half), x2 = try x.narrow(dim: -1, start: half, length: half)
-        let rotated = try Tensor.cat([x2.neg(), x1], dim: -1)
-        return try x * cos + rotated * sin
+        let halves = Array(x.shape.dropLast()) + [2, half]
+        let swapped = try x.view(halves).flip([-2]).view(x.shape)
+        let s1 = try sin.narrow(dim: -1, start: 0, length: half), s2 = try sin.narrow(dim: -1, start: half, length: half)
+        return try x * cos + swapped * Tensor.cat([s1.neg(), s2], dim: -1)
     }
 }
 
