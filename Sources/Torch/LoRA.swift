@@ -8,8 +8,8 @@ public final class LoRA {
     public let rank: Int
     public let scale: Double
     /// W + scale·B·A for passes without autograd (rollout, evaluation): one matmul instead of three
-    /// plus an add per call. Rebuilt when W, A or B has been modified in place since (optimiser
-    /// step, load, weight swap), which libtorch's version counters tell.
+    /// plus an add per call. Rebuilt when W, A or B holds other values since (optimiser step, load,
+    /// weight swap), which their content versions tell.
     private var merged: (weight: Tensor, versions: [ContentVersion])?
     private var cast = CastCache(), baseCast = CastCache()
 
@@ -46,7 +46,7 @@ public final class FusedLinears {
     let parts: [Linear]
     /// Mixed biased and unbiased parts would need a padded bias; they simply run one by one.
     let fusable: Bool
-    private var fused: (weight: Tensor, bias: Tensor?, key: [ContentVersion])?
+    private var fused: (weight: Tensor, bias: Tensor?, versions: [ContentVersion], bf16: Bool)?
 
     public init(_ parts: [Linear]) {
         self.parts = parts
@@ -56,20 +56,23 @@ public final class FusedLinears {
     public func callAsFunction(_ x: Tensor) throws -> [Tensor] {
         guard !LibTorch.gradEnabled, fusable else { return try parts.map { try $0(x) } }
         let bf16 = Precision.current == .bf16 && x.dtype == .float32
-        let key = parts.flatMap(\.versions) + [ContentVersion(storage: 0, count: bf16 ? 1 : 0)]
-        if fused?.key != key { fused = nil; fused = try concatenated(bf16: bf16, key: key) }
+        let versions = parts.flatMap(\.versions)
+        if fused?.versions != versions || fused?.bf16 != bf16 {
+            fused = nil
+            fused = try concatenated(bf16: bf16, versions: versions)
+        }
         let (w, b) = (fused!.weight, fused!.bias)
         let y = bf16 ? try F.linear(x.to(.bfloat16), w, b).to(.float32) : try F.linear(x, w, b)
         return try y.split(parts.map(\.outFeatures), dim: -1)
     }
 
-    private func concatenated(bf16: Bool, key: [ContentVersion]) throws
-        -> (weight: Tensor, bias: Tensor?, key: [ContentVersion]) {
+    private func concatenated(bf16: Bool, versions: [ContentVersion]) throws
+        -> (weight: Tensor, bias: Tensor?, versions: [ContentVersion], bf16: Bool) {
         try noGrad {
             let dtype: DType = bf16 ? .bfloat16 : .float32
             let w = try Tensor.cat(parts.map { try $0.inferenceWeight() }, dim: 0).to(dtype)
             let biases = parts.compactMap(\.bias)
-            return (w, biases.isEmpty ? nil : try Tensor.cat(biases, dim: 0).to(dtype), key)
+            return (w, biases.isEmpty ? nil : try Tensor.cat(biases, dim: 0).to(dtype), versions, bf16)
         }
     }
 }

@@ -180,7 +180,7 @@ public final class Linear: Module {
     /// The weight a pass without autograd multiplies by: the base weight with any adapter merged in.
     func inferenceWeight() throws -> Tensor { try lora?.merge(weight) ?? weight }
 
-    /// Changes whenever the weight, bias or adapter changes in place.
+    /// Changes whenever the weight, bias or adapter holds other values (content versions).
     var versions: [ContentVersion] {
         [weight.contentVersion] + (bias.map { [$0.contentVersion] } ?? []) + (lora?.versions ?? [])
     }

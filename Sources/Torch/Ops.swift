@@ -318,13 +318,13 @@ extension Tensor {
     // MARK: in place (caches, optimisers; not recorded for autograd)
 
     public func copy_(_ src: Tensor) throws { try Tensor.status(self, src) { tt_copy_(handle, src.handle) } }
-    /// Exchanges this tensor's storage with `other`'s (same shape and dtype) without copying: each keeps
-    /// its identity and gradient; the version counters move with the storages (see `contentVersion`).
     /// `cached` (a copy of `w` in another dtype, made from its current values) standing in the graph for `w`
     /// cast now: the backward casts the gradient back to `w`'s dtype.
     public static func cachedCast(_ w: Tensor, _ cached: Tensor) throws -> Tensor {
         try Tensor.make(w, cached) { tt_cached_cast(w.handle, cached.handle) }
     }
+    /// Exchanges this tensor's storage with `other`'s (same shape and dtype) without copying: each keeps
+    /// its identity and gradient; the version counters move with the storages (see `contentVersion`).
     public func swap_(_ other: Tensor) throws { try Tensor.status(self, other) { tt_swap_(handle, other.handle) } }
     public func fill_(_ v: Double) throws { try Tensor.status(self) { tt_fill_(handle, v) } }
     public func add_(_ o: Tensor, alpha: Double = 1) throws { try Tensor.status(self, o) { tt_add_(handle, o.handle, alpha) } }

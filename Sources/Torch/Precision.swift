@@ -17,10 +17,10 @@ public enum Precision: String, Sendable, CaseIterable {
     }
 }
 
-/// A weight's low-precision copy, rebuilt when the weight changes in place (libtorch's version counter)
-/// or is another tensor (a merged LoRA weight is rebuilt as a new tensor, whose counter starts again).
-/// For a weight that trains, under autograd, the cast is part of the graph instead, so the fp32 master
-/// weight gets the gradient.
+/// A weight's low-precision copies, rebuilt when the weight holds other values (its content version: written
+/// in place, or other storage swapped in) or is another tensor (a merged LoRA weight is rebuilt as a new
+/// tensor, whose counter starts again). For a weight that trains, under autograd, the copy enters the graph
+/// through a node that hands the gradient back to the fp32 master weight.
 public struct CastCache {
     /// Two entries: a weight's live values and the reference values swapped in for the KL pass each step.
     private var entries: [(source: Tensor, content: ContentVersion, tensor: Tensor)] = []

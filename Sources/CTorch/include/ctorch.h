@@ -55,7 +55,7 @@ int64_t tt_version(tt_tensor t);
 int tt_copy_out(tt_tensor t, void *dst, size_t nbytes); // dst receives contiguous CPU data
 int tt_item(tt_tensor t, double *out);
 int tt_is_contiguous(tt_tensor t);
-void *tt_data_ptr(tt_tensor t); // CPU, contiguous tensors only (checked by the caller)
+void *tt_data_ptr(tt_tensor t); // the first element; reading through it: CPU, contiguous tensors only (checked by the caller)
 
 // elementwise
 enum {
