@@ -143,8 +143,20 @@ tt_store tt_store_new(const char *host, int port, int is_server, double timeout_
 int tt_store_port(tt_store s) { return s->port; }
 void tt_store_free(tt_store s) { delete s; }
 
+// c10d's flight recorder (a process-wide log of collectives, for debugging hangs) adds each process group's status
+// to a map before taking its lock: two groups in one process that start collectives together corrupt the map
+// (a crash in 1 of 8 runs of the two-ranks-as-threads tests, traced with gdb to
+// FlightRecorder::recordWithResetEnabled). ttrv never dumps that log, so it is off unless the user sets its size.
+static void disable_flight_recorder_unless_asked() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (!getenv("TORCH_FR_BUFFER_SIZE") && !getenv("TORCH_NCCL_TRACE_BUFFER_SIZE")) setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+  });
+}
+
 tt_group tt_group_gloo_new(tt_store s, const char *prefix, int rank, int size, const char *interface,
                            const char *address, double timeout_s) {
+  disable_flight_recorder_unless_asked();
   DIST_TRY("gloo process group", nullptr, {
     auto o = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
     o->devices.push_back(interface ? c10d::ProcessGroupGloo::createDeviceForInterface(interface)
