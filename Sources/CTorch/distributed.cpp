@@ -150,7 +150,8 @@ void tt_store_free(tt_store s) { delete s; }
 static void disable_flight_recorder_unless_asked() {
   static std::once_flag once;
   std::call_once(once, [] {
-    if (!getenv("TORCH_FR_BUFFER_SIZE") && !getenv("TORCH_NCCL_TRACE_BUFFER_SIZE")) setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+    if (!getenv("TORCH_FR_BUFFER_SIZE") && !getenv("TORCH_NCCL_TRACE_BUFFER_SIZE"))
+      setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
   });
 }
 

@@ -11,8 +11,13 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
 #include <immintrin.h>
 #include <string>
 #include <vector>
@@ -282,10 +287,6 @@ int tt_max_dim(tt_tensor t, int64_t dim, int keepdim, tt_tensor *values, tt_tens
 // linear algebra / nn
 tt_tensor tt_matmul(tt_tensor a, tt_tensor b) { TRY_HANDLE(at::matmul(T(a), T(b))) }
 tt_tensor tt_bmm(tt_tensor a, tt_tensor b) { TRY_HANDLE(at::bmm(T(a), T(b))) }
-// Inputs of more than two dimensions are flattened to rows first: at::linear sends a batched input whose
-// strides are not the standard ones (e.g. the last position of each prompt, narrowed out of [B, T, H]) through
-// batched matmul, which copies the weight once per batch entry (a 49k-row output head: 45 ms per prompt in bf16
-// instead of 2 ms). As rows the product is one GEMM reading the input in place.
 // One input row times an fp32 weight [N, K] (batch-1 decode): each output is the dot product of a weight row
 // with the input, streamed row by row. MKL's product for this shape reads the weight at 11–16 GB/s on the
 // bench machine, where a plain read runs at 45; the step is bound by that read (86% of a batch-1 decode step).
@@ -320,6 +321,13 @@ static bool singleRowProduct(const at::Tensor &x, const at::Tensor &w, const c10
          x.size(-1) == w.size(1) && x.numel() == w.size(1) && (!b || b->scalar_type() == at::kFloat);
 }
 
+// x's shape with its last dimension (features in) replaced by n (features out).
+static std::vector<int64_t> outputShape(const at::Tensor &x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
 static at::Tensor singleRowLinear(const at::Tensor &x, const at::Tensor &w, const c10::optional<at::Tensor> &b) {
   at::Tensor xc = x.contiguous();
   int64_t n = w.size(0), k = w.size(1);
@@ -328,17 +336,17 @@ static at::Tensor singleRowLinear(const at::Tensor &x, const at::Tensor &w, cons
   float *yp = y.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) { dotRows(wp, xp, yp, k, begin, end); });
   if (b && b->defined()) y.add_(*b);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  return y.view(shape);
+  return y.view(outputShape(x, n));
 }
 
+// Inputs of more than two dimensions are flattened to rows first: at::linear sends a batched input whose
+// strides are not the standard ones (e.g. the last position of each prompt, narrowed out of [B, T, H]) through
+// batched matmul, which copies the weight once per batch entry (a 49k-row output head: 45 ms per prompt in bf16
+// instead of 2 ms). As rows the product is one GEMM reading the input in place.
 static at::Tensor linearRows(const at::Tensor &x, const at::Tensor &w, const c10::optional<at::Tensor> &b) {
   if (singleRowProduct(x, w, b)) return singleRowLinear(x, w, b);
   if (x.dim() <= 2) return at::linear(x, w, b);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = w.size(0);
-  return at::linear(x.reshape({-1, x.size(-1)}), w, b).view(shape);
+  return at::linear(x.reshape({-1, x.size(-1)}), w, b).view(outputShape(x, w.size(0)));
 }
 tt_tensor tt_linear(tt_tensor x, tt_tensor w, tt_tensor b) { TRY_HANDLE(linearRows(T(x), T(w), opt(b))) }
 tt_tensor tt_embedding(tt_tensor w, tt_tensor idx) { TRY_HANDLE(at::embedding(T(w), T(idx))) }
@@ -516,10 +524,6 @@ int tt_clip_grad_norm(const tt_tensor *grads, int n, double max_norm, double *to
 
 // Operator profile (libtorch's own profiler, CPU activity): `tt_profile_stop` writes one line per operator,
 // sorted by self time (its time minus that of the operators it called), as "self_ms total_ms calls name".
-#include <torch/csrc/autograd/profiler_kineto.h>
-#include <algorithm>
-#include <fstream>
-#include <map>
 int tt_profile_start(void) {
   TRY_STATUS({
     namespace p = torch::profiler::impl;
@@ -556,9 +560,14 @@ int tt_profile_stop(const char *path) {
     }
     std::vector<std::pair<std::string, Row>> sorted(rows.begin(), rows.end());
     std::sort(sorted.begin(), sorted.end(), [](auto &a, auto &b) { return a.second.self > b.second.self; });
-    std::ofstream out(path);
-    if (!out) throw std::runtime_error(std::string("profile: cannot write ") + path);
-    out << "self_ms total_ms calls name\n";
-    for (auto &[name, r] : sorted) out << r.self << " " << r.total << " " << r.calls << " " << name << "\n";
+    // Written beside the target and renamed over it: a reader never sees half a profile.
+    std::string tmp = std::string(path) + ".tmp";
+    {
+      std::ofstream out(tmp);
+      out << "self_ms total_ms calls name\n";
+      for (auto &[name, r] : sorted) out << r.self << " " << r.total << " " << r.calls << " " << name << "\n";
+      if (!out.flush()) throw std::runtime_error(std::string("profile: cannot write ") + tmp);
+    }
+    if (std::rename(tmp.c_str(), path) != 0) throw std::runtime_error(std::string("profile: cannot write ") + path);
   })
 }

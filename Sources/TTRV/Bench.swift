@@ -166,7 +166,9 @@ public enum Bench {
         let adapter = try Adapter(vlm: vlm, options: o, out: out, log: { _ in })
         var logs: [StepLog] = []
         logs.append(try adapter.step([item], index: 0, epoch: 0, totalSteps: steps + 1))
-        let measure = { for i in 1...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1)) } }
+        let measure = {
+            for i in 1...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1)) }
+        }
         if let profile { try LibTorch.profile(to: profile, measure) } else { try measure() }
         let measured = Array(logs.dropFirst())
         func med(_ f: (StepLog) -> Double) -> Double { let v = measured.map(f).sorted(); return v[v.count / 2] }
