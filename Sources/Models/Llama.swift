@@ -239,7 +239,9 @@ public final class LlamaAttention: Module {
 
     func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
         let (b, t) = (x.size(0), x.size(1))
-        let projected = try qkv(x)
+        // RoPE, the cache and attention stay fp32: libtorch's CPU attention in bf16 takes 10× longer for
+        // one-token queries (decoding) and no less for longer ones.
+        let projected = try qkv(x).map { try $0.to(.float32) }
         var q = try projected[0].view([b, t, heads, headDim]).transpose(1, 2)
         var k = try projected[1].view([b, t, kvHeads, headDim]).transpose(1, 2)
         var v = try projected[2].view([b, t, kvHeads, headDim]).transpose(1, 2)
@@ -248,7 +250,7 @@ public final class LlamaAttention: Module {
         let causal = mask == nil && (cache == nil || cache!.length == 0) && t > 1
         if let cache { (k, v) = try cache.append(layer: layer, k: k, v: v) }
         let out = try F.scaledDotProductAttention(q, k, v, mask: mask, causal: causal, enableGQA: kvHeads != heads)
-        return try o_proj(out.transpose(1, 2).reshape([b, t, heads * headDim]))
+        return try o_proj(Precision.activations(out.transpose(1, 2).reshape([b, t, heads * headDim])))
     }
 }
 
@@ -286,9 +288,12 @@ public final class LlamaDecoderLayer: Module {
         register("post_attention_layernorm", post_attention_layernorm)
     }
 
+    /// The residual stream stays fp32; under bf16 each block's input is cast once and its products run in
+    /// bf16, and the output projection's bf16 result is promoted by the fp32 residual add (autocast's dataflow).
     public func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
-        let h = try x + self_attn(input_layernorm(x), cos: cos, sin: sin, mask: mask, cache: cache, layer: layer)
-        return try h + mlp(post_attention_layernorm(h))
+        let a = try Precision.activations(input_layernorm(x))
+        let h = try x + self_attn(a, cos: cos, sin: sin, mask: mask, cache: cache, layer: layer)
+        return try h + mlp(Precision.activations(post_attention_layernorm(h)))
     }
 }
 

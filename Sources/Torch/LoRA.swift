@@ -25,8 +25,10 @@ public final class LoRA {
     func apply(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
         guard !LibTorch.gradEnabled else {
             // The adapter's two thin products stay fp32 under bf16: they are cheap, and small updates
-            // of B would round away in bf16.
-            return try F.linear(x, weight, bias, cache: &baseCast) + F.linear(F.linear(x, a), b) * scale
+            // of B would round away in bf16. The sum takes the base output's dtype (the input's).
+            let base = try F.linear(x, weight, bias, cache: &baseCast)
+            let update = try F.linear(F.linear(x.to(.float32), a), b) * scale
+            return try base + update.to(base.dtype)
         }
         let versions = [weight.contentVersion, a.contentVersion, b.contentVersion]
         if merged?.versions != versions { merged = (try merge(weight), versions) }
@@ -55,14 +57,14 @@ public final class FusedLinears {
 
     public func callAsFunction(_ x: Tensor) throws -> [Tensor] {
         guard !LibTorch.gradEnabled, fusable else { return try parts.map { try $0(x) } }
-        let bf16 = Precision.current == .bf16 && x.dtype == .float32
+        let bf16 = Precision.current == .bf16 && [.float32, .bfloat16].contains(x.dtype)
         let versions = parts.flatMap(\.versions)
         if fused?.versions != versions || fused?.bf16 != bf16 {
             fused = nil
             fused = try concatenated(bf16: bf16, versions: versions)
         }
         let (w, b) = (fused!.weight, fused!.bias)
-        let y = bf16 ? try F.linear(x.to(.bfloat16), w, b).to(.float32) : try F.linear(x, w, b)
+        let y = bf16 ? try F.linear(x.to(.bfloat16), w, b).to(x.dtype) : try F.linear(x, w, b)
         return try y.split(parts.map(\.outFeatures), dim: -1)
     }
 

@@ -1,9 +1,11 @@
 import Foundation
 
-/// What matrix products compute in. `.bf16` is PyTorch's CPU autocast for linear layers: they take fp32
-/// inputs, multiply in bf16 with fp32 accumulation, and return fp32 (rounded through bf16); norms,
-/// softmax, attention, losses and the optimiser stay fp32, and the weights themselves stay fp32 (the
-/// master copy that AdamW updates). The LM head is a linear layer too (see `OutputHead`).
+/// What matrix products compute in. `.bf16` follows PyTorch's CPU autocast: linear layers multiply in bf16
+/// with fp32 accumulation; an fp32 input gives an fp32 output (rounded through bf16), a bf16 input a bf16
+/// output, so a block that casts its input once (`activations`) keeps q/k/v → attention → o_proj and
+/// gate/up → down in bf16 as autocast does. Norms, the residual stream, softmax of the logits, losses and
+/// the optimiser stay fp32, and the weights themselves stay fp32 (the master copy that AdamW updates).
+/// The LM head is a linear layer too (see `OutputHead`).
 public enum Precision: String, Sendable, CaseIterable {
     case fp32, bf16
 
@@ -14,6 +16,11 @@ public enum Precision: String, Sendable, CaseIterable {
     public static var cpuHasBF16: Bool {
         guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return false }
         return info.contains("avx512_bf16") || info.contains("amx_bf16") || info.contains(" bf16")
+    }
+
+    /// `x` in the dtype a block's products and attention run in: bf16 under `.bf16`, else unchanged.
+    public static func activations(_ x: Tensor) throws -> Tensor {
+        current == .bf16 && x.dtype == .float32 ? try x.to(.bfloat16) : x
     }
 }
 
@@ -44,9 +51,14 @@ public struct CastCache {
 }
 
 extension F {
-    /// `linear` under the current precision; `cache` holds the weight's bf16 copy.
+    /// `linear` under the current precision; `cache` holds the weight's bf16 copy. Under bf16 the output
+    /// has the input's dtype.
     public static func linear(_ x: Tensor, _ w: Tensor, _ b: Tensor?, cache: inout CastCache) throws -> Tensor {
-        guard Precision.current == .bf16, x.dtype == .float32 else { return try linear(x, w, b) }
-        return try linear(x.to(.bfloat16), cache.bf16(w), b?.to(.bfloat16)).to(.float32)
+        guard Precision.current == .bf16 else { return try linear(x, w, b) }
+        switch x.dtype {
+        case .bfloat16: return try linear(x, cache.bf16(w), b?.to(.bfloat16))
+        case .float32: return try linear(x.to(.bfloat16), cache.bf16(w), b?.to(.bfloat16)).to(.float32)
+        default: return try linear(x, w, b)
+        }
     }
 }

@@ -246,6 +246,8 @@ public enum LibTorch {
     }
     public static func manualSeed(_ seed: UInt64) { tt_manual_seed(seed) }
     public static var cudaAvailable: Bool { tt_cuda_is_available() != 0 }
+    /// Bytes of freed large CPU blocks kept for reuse by the shim's allocator (see allocator.cpp).
+    public static var cpuCachedBytes: Int { Int(tt_cpu_cached_bytes()) }
     public static var gradEnabled: Bool { tt_is_grad_enabled() != 0 }
 
     /// libtorch's operator profile of `body`, written to `path` as "self_ms total_ms calls name" lines sorted by

@@ -325,6 +325,41 @@ final class PrecisionTests: XCTestCase {
     }
 }
 
+extension PrecisionTests {
+    /// Autocast's dataflow: under bf16 a linear returns its input's dtype (fp32 in → fp32 out, bf16 in → bf16
+    /// out), so a block casts once and its products chain in bf16. A LoRA-wrapped linear under autograd keeps
+    /// the adapter's products in fp32, returns the input's dtype, and its adapter gradients are fp32 and equal
+    /// (to bf16 accuracy) to the fp32 layer's.
+    func testBF16OutputsFollowTheInputDtypeAndLoRAGradientsStayFP32() throws {
+        let gen = Generator(seed: 11)
+        let layer = try Linear(32, 16, generator: gen)
+        let root = Module()
+        root.register("q_proj", layer)
+        try root.addLoRA(rank: 4, alpha: 8, targets: ["q_proj"], generator: gen)
+        try noGrad { try layer.lora!.b.copy_(Tensor.randn([16, 4], generator: gen)) }
+        for p in [layer.lora!.a, layer.lora!.b] { try p.requiresGrad(true) }
+        let x = try Tensor.randn([6, 32], generator: gen)
+        func adapterGrads(_ input: Tensor) throws -> (Tensor, [Float]) {
+            for p in [layer.lora!.a, layer.lora!.b] { try p.zeroGrad() }
+            let y = try withGrad { try layer(input) }
+            try withGrad { try y.to(.float32).sum().backward() }
+            let ga = try XCTUnwrap(layer.lora!.a.grad), gb = try XCTUnwrap(layer.lora!.b.grad)
+            XCTAssertEqual(ga.dtype, .float32)
+            return (y, try ga.floats() + gb.floats())
+        }
+        let (exactY, exactGrads) = try adapterGrads(x)
+        Precision.current = .bf16
+        XCTAssertEqual(try noGrad { try layer(x) }.dtype, .float32)
+        XCTAssertEqual(try noGrad { try layer(x.to(.bfloat16)) }.dtype, .bfloat16)
+        let (y, grads) = try adapterGrads(x.to(.bfloat16))
+        XCTAssertEqual(y.dtype, .bfloat16)
+        let scale = try exactY.abs().max().item()
+        XCTAssertLessThan(try (y.to(.float32) - exactY).abs().max().item(), 0.02 * scale)
+        let gScale = exactGrads.map(abs).max()!
+        for (g, e) in zip(grads, exactGrads) { XCTAssertEqual(g, e, accuracy: 0.02 * gScale) }
+    }
+}
+
 final class OptimizerVersionTests: XCTestCase {
     /// Caches of derived weights (bf16 copies, merged LoRA, fused projections) are keyed by libtorch's
     /// version counter, so an optimiser step must advance the version of every tensor it changes.

@@ -189,3 +189,35 @@ final class SingleRowLinearTests: XCTestCase {
         for r in 0..<9 { for c in 0..<40 { XCTAssertEqual(grad[r * 40 + c], xs[c], accuracy: 1e-6) } }
     }
 }
+
+/// The shim's CPU allocator keeps freed blocks of 1 MiB and more and hands them out again for requests of
+/// the same size (up to an eighth smaller); small blocks are not kept. Reused memory must still be written
+/// in full by the operator that takes it.
+final class CachingAllocatorTests: XCTestCase {
+    func testLargeBlocksAreReusedAndSmallOnesAreNot() throws {
+        let n = 3_300_001  // 13.2 MB of floats, a size no other test allocates
+        var big: Tensor? = try Tensor.full([n], 5)
+        let address = big!.contentVersion.storage
+        big = nil
+        // (Earlier tests may have filled the cache to its limit, so the total need not grow by n * 4: older
+        // blocks are evicted to make room.)
+        XCTAssertGreaterThanOrEqual(LibTorch.cpuCachedBytes, n * 4, "the freed block is kept")
+        let again = try Tensor.zeros([n - n / 16])
+        XCTAssertEqual(again.contentVersion.storage, address, "a slightly smaller request reuses the block")
+        XCTAssertEqual(try again.sum().item(), 0, "the reused block is overwritten")
+
+        var small: Tensor? = try Tensor.ones([1000])
+        XCTAssertEqual(small?.count, 1000)
+        let cachedSmall = LibTorch.cpuCachedBytes
+        small = nil
+        XCTAssertEqual(LibTorch.cpuCachedBytes, cachedSmall, "blocks under 1 MiB go straight back to malloc")
+    }
+
+    func testMuchSmallerRequestsGetFreshBlocks() throws {
+        var big: Tensor? = try Tensor.zeros([4 << 20])  // 16 MiB
+        let address = big!.contentVersion.storage
+        big = nil
+        let half = try Tensor.zeros([2 << 20])  // 8 MiB: more than an eighth smaller, so not the 16 MiB block
+        XCTAssertNotEqual(half.contentVersion.storage, address)
+    }
+}

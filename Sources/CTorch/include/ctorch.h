@@ -29,6 +29,8 @@ void tt_set_num_threads(int n);
 int tt_get_num_threads(void);
 void tt_manual_seed(uint64_t seed);
 int tt_cuda_is_available(void);
+// bytes of freed large CPU blocks the allocator keeps for reuse (allocator.cpp)
+size_t tt_cpu_cached_bytes(void);
 tt_generator tt_generator_new(uint64_t seed);
 void tt_generator_free(tt_generator g);
 int tt_set_grad_enabled(int enabled); // returns the previous state
