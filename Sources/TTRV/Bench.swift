@@ -143,11 +143,11 @@ public enum Bench {
         return r
     }
 
-    /// One TTRV step at the reference settings on the decoder alone (text MCQ prompt, 32 votes,
-    /// 16 trained, ≤ 8 new tokens, full fp32 fine-tuning, PPO-clip + low_var_kl, AdamW).
-    /// With `profile`, libtorch's operator profile of the measured steps is written there.
-    public static func ttrvStep(_ lm: LanguageModel, steps: Int = 5, out: URL, profile: String? = nil) throws
-        -> [String: Double] {
+    /// Timed TTRV steps at the reference settings on the decoder alone (text MCQ prompt, 32 votes,
+    /// 16 trained, ≤ 8 new tokens, full fp32 fine-tuning, PPO-clip + low_var_kl, AdamW), after one warm-up
+    /// step. With `profile`, libtorch's operator profile of the measured steps is written there.
+    public static func ttrvSteps(_ lm: LanguageModel, steps: Int = 5, out: URL, profile: String? = nil) throws
+        -> [StepLog] {
         let vlm = TextOnlyVLM(lm)
         let promptIds = try peerPrompt(lm)
         // The peer's prompt as a user message (its chat wrapper is added back by prepare).
@@ -170,8 +170,12 @@ public enum Bench {
             for i in 1...steps { logs.append(try adapter.step([item], index: i, epoch: i, totalSteps: steps + 1)) }
         }
         if let profile { try LibTorch.profile(to: profile, measure) } else { try measure() }
-        let measured = Array(logs.dropFirst())
-        func med(_ f: (StepLog) -> Double) -> Double { let v = measured.map(f).sorted(); return v[v.count / 2] }
+        return Array(logs.dropFirst())
+    }
+
+    /// The bench entries of timed steps: medians of the step and of each of its stages.
+    public static func stepMedians(_ logs: [StepLog]) -> [String: Double] {
+        func med(_ f: (StepLog) -> Double) -> Double { let v = logs.map(f).sorted(); return v[v.count / 2] }
         return ["ttrv_step_seconds": med(\.seconds), "ttrv_rollout_seconds": med(\.rolloutSeconds),
                 "ttrv_old_ref_logprob_seconds": med(\.oldRefSeconds), "ttrv_fwd_bwd_seconds": med(\.trainSeconds),
                 "ttrv_optim_seconds": med(\.optimizerSeconds)]
