@@ -179,6 +179,29 @@ final class SingleRowLinearTests: XCTestCase {
         }
     }
 
+    /// A bf16 row times a bf16 weight (bf16 decoding): the products of the bf16 values accumulated in fp32,
+    /// returned in bf16, so within bf16's rounding of the exact dot product (2⁻⁸ relative) plus fp32's
+    /// accumulation error.
+    func testBF16SingleRowProductEqualsTheDotProducts() throws {
+        for (n, k) in [(5, 3), (7, 8), (130, 37), (64, 576), (1000, 1536)] {
+            for biased in [false, true] {
+                let g = Generator(seed: UInt64(n + k))
+                let x = try Tensor.randn([1, 1, k], generator: g).to(.bfloat16)
+                let w = try Tensor.randn([n, k], generator: g).to(.bfloat16)
+                let b = biased ? try Tensor.randn([n], generator: g).to(.bfloat16) : nil
+                let y = try noGrad { try F.linear(x, w, b) }
+                XCTAssertEqual(y.dtype, .bfloat16)
+                XCTAssertEqual(y.shape, [1, 1, n])
+                let want = reference(try x.to(.float32).floats(), try w.to(.float32).floats(),
+                                     try b?.to(.float32).floats(), n: n, k: k)
+                let sumAbs = (0..<n).map { _ in Float(k).squareRoot() }  // |x|·|w| scale of a dot product
+                for (i, (got, exp)) in zip(try y.to(.float32).floats(), want).enumerated() {
+                    XCTAssertEqual(got, exp, accuracy: abs(exp) / 128 + 1e-4 * sumAbs[i], "n \(n) k \(k)")
+                }
+            }
+        }
+    }
+
     func testGradientsStillFlowForASingleRow() throws {
         let g = Generator(seed: 3)
         let x = try Tensor.randn([1, 1, 40], generator: g), w = try Tensor.randn([9, 40], generator: g)
