@@ -74,7 +74,8 @@ class CachingCPUAllocator final : public c10::Allocator {
     return data;
   }
 
-  // A cached block at least `n` bytes long and at most an eighth longer, else a new one.
+  // The smallest cached block at least `n` bytes long and at most an eighth longer (of equal ones the most
+  // recently freed), else a new one.
   static void* takeLarge(size_t n) {
     {
       std::lock_guard<std::mutex> g(lock());
@@ -99,7 +100,9 @@ class CachingCPUAllocator final : public c10::Allocator {
       Free& f = cache();
       while (f.bytes + cap > limit()) evictOldest(f);
       f.order.push_back(data);
-      f.bySize.emplace(cap, std::prev(f.order.end()));
+      // First among blocks of its size, so the next request of that size gets the most recently freed one
+      // (still in the CPU's caches and TLB), and a freed block comes back to a request of its own size.
+      f.bySize.emplace_hint(f.bySize.lower_bound(cap), cap, std::prev(f.order.end()));
       f.bytes += cap;
       return;
     }

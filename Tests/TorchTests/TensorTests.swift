@@ -226,7 +226,7 @@ final class CachingAllocatorTests: XCTestCase {
         // blocks are evicted to make room.)
         XCTAssertGreaterThanOrEqual(LibTorch.cpuCachedBytes, n * 4, "the freed block is kept")
         // The same size again (the cache hands out its smallest adequate block, so a smaller request could get
-        // another test's block of the sizes in between).
+        // another test's block of a size in between).
         let again = try Tensor.zeros([n])
         XCTAssertEqual(again.contentVersion.storage, address, "a request of the same size reuses the block")
         XCTAssertEqual(try again.sum().item(), 0, "the reused block is overwritten")
@@ -236,6 +236,18 @@ final class CachingAllocatorTests: XCTestCase {
         let cachedSmall = LibTorch.cpuCachedBytes
         small = nil
         XCTAssertEqual(LibTorch.cpuCachedBytes, cachedSmall, "blocks under 1 MiB go straight back to malloc")
+    }
+
+    /// Of blocks of one size, the most recently freed comes back first (it is the one still in the CPU's caches;
+    /// handing out the oldest also let another test's block of the same size win over a block just freed).
+    func testTheMostRecentlyFreedBlockOfASizeComesBackFirst() throws {
+        let n = 2_900_017
+        var a: Tensor? = try Tensor.zeros([n]), b: Tensor? = try Tensor.zeros([n])
+        let addressB = b!.contentVersion.storage
+        XCTAssertNotEqual(a!.contentVersion.storage, addressB)
+        a = nil
+        b = nil
+        XCTAssertEqual(try Tensor.zeros([n]).contentVersion.storage, addressB)
     }
 
     func testMuchSmallerRequestsGetFreshBlocks() throws {
