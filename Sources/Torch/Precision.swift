@@ -2,9 +2,9 @@ import Foundation
 
 /// What matrix products compute in. `.bf16` follows PyTorch's CPU autocast: linear layers multiply in bf16
 /// with fp32 accumulation; an fp32 input gives an fp32 output (rounded through bf16), a bf16 input a bf16
-/// output, so a block that casts its input once (`activations`) keeps q/k/v → attention → o_proj and
-/// gate/up → down in bf16 as autocast does. Norms, the residual stream, softmax of the logits, losses and
-/// the optimiser stay fp32, and the weights themselves stay fp32 (the master copy that AdamW updates).
+/// output, so a block that casts its input once (`activations`) keeps its products (q/k/v, o_proj, gate/up →
+/// down) in bf16 as autocast does. Norms, the residual stream, attention (see `LlamaAttention`), softmax of
+/// the logits, losses and the optimiser stay fp32, and the weights themselves stay fp32 (the master copy that AdamW updates).
 /// The LM head is a linear layer too (see `OutputHead`).
 public enum Precision: String, Sendable, CaseIterable {
     case fp32, bf16
@@ -18,7 +18,7 @@ public enum Precision: String, Sendable, CaseIterable {
         return info.contains("avx512_bf16") || info.contains("amx_bf16") || info.contains(" bf16")
     }
 
-    /// `x` in the dtype a block's products and attention run in: bf16 under `.bf16`, else unchanged.
+    /// `x` in the dtype a block's matrix products run in: bf16 under `.bf16`, else unchanged.
     public static func activations(_ x: Tensor) throws -> Tensor {
         current == .bf16 && x.dtype == .float32 ? try x.to(.bfloat16) : x
     }
