@@ -287,51 +287,31 @@ int tt_max_dim(tt_tensor t, int64_t dim, int keepdim, tt_tensor *values, tt_tens
 // linear algebra / nn
 tt_tensor tt_matmul(tt_tensor a, tt_tensor b) { TRY_HANDLE(at::matmul(T(a), T(b))) }
 tt_tensor tt_bmm(tt_tensor a, tt_tensor b) { TRY_HANDLE(at::bmm(T(a), T(b))) }
-// One input row times an fp32 weight [N, K] (batch-1 decode): each output is the dot product of a weight row
-// with the input, streamed row by row. MKL's product for this shape reads the weight at 11–16 GB/s on the
-// bench machine, where a plain read runs at 45; the step is bound by that read (86% of a batch-1 decode step).
-__attribute__((target("avx2,fma"))) static void dotRows(const float *w, const float *x, float *y, int64_t k,
-                                                       int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; r++) {
-    const float *row = w + r * k;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
-    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    float acc = _mm_cvtss_f32(h);
-    for (; i < k; i++) acc += row[i] * x[i];
-    y[r] = acc;
-  }
-}
-
-// The same for a bf16 weight (bf16 decoding reads half the bytes): each bf16 value widened to fp32 by a shift,
-// the products accumulated in fp32 as the library's bf16 product does.
-__attribute__((target("avx2,fma"))) static inline __m256 widenBF16(const c10::BFloat16 *p) {
+// One input row times a weight [N, K] (batch-1 decode): each output is the dot product of a weight row with the
+// input, streamed row by row. MKL's product for this shape reads an fp32 weight at 11–16 GB/s on the bench
+// machine, where a plain read runs at 45; the step is bound by that read (86% of a batch-1 decode step). A bf16
+// weight (bf16 decoding reads half the bytes) is widened to fp32 by a shift and the products accumulated in fp32,
+// as the library's bf16 product does.
+__attribute__((target("avx2,fma"))) static inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) static inline __m256 load8(const c10::BFloat16 *p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
-__attribute__((target("avx2,fma"))) static void dotRowsBF16(const c10::BFloat16 *w, const float *x, float *y,
-                                                           int64_t k, int64_t begin, int64_t end) {
+extern "C++" {  // the shim's functions have C linkage; this template cannot
+template <typename W>
+__attribute__((target("avx2,fma"))) static void dotRows(const W *w, const float *x, float *y, int64_t k,
+                                                       int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; r++) {
-    const c10::BFloat16 *row = w + r * k;
+    const W *row = w + r * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
-      a0 = _mm256_fmadd_ps(widenBF16(row + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(widenBF16(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(widenBF16(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(widenBF16(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+      a0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(load8(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(load8(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(load8(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
-    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(widenBF16(row + i), _mm256_loadu_ps(x + i), a0);
+    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), a0);
     __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_hadd_ps(h, h);
@@ -341,6 +321,7 @@ __attribute__((target("avx2,fma"))) static void dotRowsBF16(const c10::BFloat16 
     y[r] = acc;
   }
 }
+}  // extern "C++"
 
 // Weight and input both fp32, or both bf16 (the bias in the weight's dtype).
 static bool singleRowProduct(const at::Tensor &x, const at::Tensor &w, const c10::optional<at::Tensor> &b) {
@@ -348,8 +329,9 @@ static bool singleRowProduct(const at::Tensor &x, const at::Tensor &w, const c10
   bool grad = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || (b && b->requires_grad()));
   auto dtype = w.scalar_type();
   return cpu && !grad && x.device().is_cpu() && w.device().is_cpu() &&
-         (dtype == at::kFloat || dtype == at::kBFloat16) && x.scalar_type() == dtype && w.dim() == 2 && w.is_contiguous() && x.dim() >= 1 &&
-         x.size(-1) == w.size(1) && x.numel() == w.size(1) && (!b || b->scalar_type() == dtype);
+         (dtype == at::kFloat || dtype == at::kBFloat16) && x.scalar_type() == dtype && w.dim() == 2 &&
+         w.is_contiguous() && x.dim() >= 1 && x.size(-1) == w.size(1) && x.numel() == w.size(1) &&
+         (!b || b->scalar_type() == dtype);
 }
 
 // x's shape with its last dimension (features in) replaced by n (features out).
@@ -368,7 +350,7 @@ static at::Tensor singleRowLinear(const at::Tensor &x, const at::Tensor &w, cons
   float *yp = y.data_ptr<float>();
   if (bf16) {
     const c10::BFloat16 *wp = w.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) { dotRowsBF16(wp, xp, yp, k, begin, end); });
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) { dotRows(wp, xp, yp, k, begin, end); });
   } else {
     const float *wp = w.data_ptr<float>();
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) { dotRows(wp, xp, yp, k, begin, end); });

@@ -2,10 +2,10 @@ import Foundation
 
 /// What matrix products compute in. `.bf16` follows PyTorch's CPU autocast: linear layers multiply in bf16
 /// with fp32 accumulation; an fp32 input gives an fp32 output (rounded through bf16), a bf16 input a bf16
-/// output, so a block that casts its input once (`activations`) keeps its products (q/k/v, o_proj, gate/up →
-/// down) in bf16 as autocast does. Norms, the residual stream, attention (see `LlamaAttention`), softmax of
-/// the logits, losses and the optimiser stay fp32, and the weights themselves stay fp32 (the master copy that AdamW updates).
-/// The LM head is a linear layer too (see `OutputHead`).
+/// output, so a block that casts its input once (`activations`) keeps its products (q/k/v, o_proj,
+/// gate/up → down) in bf16 as autocast does. Norms, the residual stream, attention (see `LlamaAttention`),
+/// softmax of the logits, losses and the optimiser stay fp32, and the weights themselves stay fp32 (the
+/// master copy that AdamW updates). The LM head is a linear layer too (see `OutputHead`).
 public enum Precision: String, Sendable, CaseIterable {
     case fp32, bf16
 
