@@ -28,11 +28,12 @@ constexpr size_t kGranule = size_t(64) << 10;
 
 // How many bytes of free blocks to keep: TTRV_CPU_CACHE_MIB, else 2 GiB. 0 turns the cache off.
 size_t cacheLimit() {
+  constexpr size_t kDefault = size_t(2) << 30;
   const char* env = std::getenv("TTRV_CPU_CACHE_MIB");
-  if (!env || !*env) return size_t(2) << 30;
+  if (!env || !*env) return kDefault;
   char* end = nullptr;
   unsigned long long mib = std::strtoull(env, &end, 10);
-  return (end && *end == 0) ? size_t(mib) << 20 : size_t(2) << 30;
+  return *end == 0 ? size_t(mib) << 20 : kDefault;
 }
 
 class CachingCPUAllocator final : public c10::Allocator {

@@ -198,17 +198,20 @@ struct BenchCommand: ParsableCommand {
                 let lm = try LMLoader.load(url)
                 let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("ttrv-bench-\(getpid())")
                 defer { try? FileManager.default.removeItem(at: tmp) }
-                var logs = try Bench.ttrvSteps(lm, out: tmp.appendingPathComponent("before"), profile: try profile.map { dir in
+                let profilePath = try profile.map { dir in
                     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
                     return "\(dir)/step-\(precision.rawValue).txt"
-                })
+                }
+                var logs = try Bench.ttrvSteps(lm, out: tmp.appendingPathComponent("before"), profile: profilePath)
                 // Our peak includes the training step, so compare with the reference's step-mode peak.
                 let reference = Bench.peer(mode: "step", gguf: url, precision: precision, log: eprint)
                 peer.merge(reference) { _, b in b }
                 // The reference's step takes minutes on a shared machine whose speed drifts: timing ours again
                 // after it, and taking the median of both sides, keeps the ratio from hanging on which side of
                 // the drift each was measured.
-                if !reference.isEmpty, profile == nil { logs += try Bench.ttrvSteps(lm, out: tmp.appendingPathComponent("after")) }
+                if !reference.isEmpty, profile == nil {
+                    logs += try Bench.ttrvSteps(lm, out: tmp.appendingPathComponent("after"))
+                }
                 let s = Bench.stepMedians(logs)
                 for name in ["ttrv_step_seconds", "ttrv_rollout_seconds", "ttrv_old_ref_logprob_seconds",
                              "ttrv_fwd_bwd_seconds", "ttrv_optim_seconds"] {

@@ -194,9 +194,9 @@ final class SingleRowLinearTests: XCTestCase {
                 XCTAssertEqual(y.shape, [1, 1, n])
                 let want = reference(try x.to(.float32).floats(), try w.to(.float32).floats(),
                                      try b?.to(.float32).floats(), n: n, k: k)
-                let sumAbs = (0..<n).map { _ in Float(k).squareRoot() }  // |x|·|w| scale of a dot product
-                for (i, (got, exp)) in zip(try y.to(.float32).floats(), want).enumerated() {
-                    XCTAssertEqual(got, exp, accuracy: abs(exp) / 128 + 1e-4 * sumAbs[i], "n \(n) k \(k)")
+                let dotScale = Float(k).squareRoot()  // the size of a dot product of k unit normals
+                for (got, exp) in zip(try y.to(.float32).floats(), want) {
+                    XCTAssertEqual(got, exp, accuracy: abs(exp) / 128 + 1e-4 * dotScale, "n \(n) k \(k)")
                 }
             }
         }
