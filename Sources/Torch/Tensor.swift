@@ -248,6 +248,9 @@ public enum LibTorch {
     public static var cudaAvailable: Bool { tt_cuda_is_available() != 0 }
     /// Bytes of freed large CPU blocks kept for reuse by the shim's allocator (see allocator.cpp).
     public static var cpuCachedBytes: Int { Int(tt_cpu_cached_bytes()) }
+    /// Whether fp32 matrix products run on oneDNN rather than MKL (see gemm.cpp), and how many it has computed.
+    public static var fp32GemmOnOneDNN: Bool { tt_fp32_gemm_onednn() != 0 }
+    public static var oneDNNProducts: Int { Int(tt_onednn_products()) }
     public static var gradEnabled: Bool { tt_is_grad_enabled() != 0 }
 
     /// libtorch's operator profile of `body`, written to `path` as "self_ms total_ms calls name" lines sorted by

@@ -258,3 +258,56 @@ final class CachingAllocatorTests: XCTestCase {
         XCTAssertNotEqual(half.contentVersion.storage, address)
     }
 }
+
+/// fp32 matrix products on oneDNN (gemm.cpp): against the same products in float64 (libtorch's double path,
+/// which stays with the BLAS), forward and backward, with the operand layouts autograd passes.
+final class FP32GemmTests: XCTestCase {
+    func maxError(_ got: Tensor, _ want: Tensor) throws -> Double {
+        try (got.to(.float64) - want).abs().max().item() / max(1, try want.abs().max().item())
+    }
+
+    func testProductsMatchFloat64() throws {
+        let g = Generator(seed: 7)
+        let before = LibTorch.oneDNNProducts
+        let x3 = try Tensor.randn([3, 11, 64], generator: g), x2 = try Tensor.randn([13, 64], generator: g)
+        let w = try Tensor.randn([48, 64], generator: g), b = try Tensor.randn([48], generator: g)
+        let a = try Tensor.randn([3, 17, 40], generator: g), c = try Tensor.randn([3, 23, 40], generator: g)
+        let d = { (t: Tensor) in try t.to(.float64) }
+        let cases: [(String, Tensor, Tensor)] = [
+            ("linear, 3-D input, bias (addmm)", try F.linear(x3, w, b), try F.linear(d(x3), d(w), d(b))),
+            ("linear, no bias (mm)", try F.linear(x2, w), try F.linear(d(x2), d(w))),
+            ("transposed left operand", try x2.transpose(0, 1).matmul(x2), try d(x2).transpose(0, 1).matmul(d(x2))),
+            ("batched, transposed right (bmm)", try a.bmm(c.transpose(1, 2)), try d(a).bmm(d(c).transpose(1, 2))),
+        ]
+        for (name, got, want) in cases {
+            XCTAssertEqual(got.shape, want.shape, name)
+            XCTAssertLessThan(try maxError(got, want), 1e-5, name)
+        }
+        if LibTorch.fp32GemmOnOneDNN {
+            XCTAssertGreaterThanOrEqual(LibTorch.oneDNNProducts - before, cases.count, "every product went to oneDNN")
+        }
+    }
+
+    func testGradientsMatchFloat64() throws {
+        let g = Generator(seed: 8)
+        // float64 originals: `to` makes fresh fp32 leaves of them, and the last run (float64) uses them as leaves.
+        let (x, w) = (try Tensor.randn([2, 9, 32], generator: g).to(.float64), try Tensor.randn([24, 32], generator: g).to(.float64))
+        let b = try Tensor.randn([24], generator: g).to(.float64), up = try Tensor.randn([2, 9, 24], generator: g)
+        func grads(_ dtype: DType) throws -> [Tensor] {
+            let leaves = try [x, w, b].map { try $0.to(dtype).requiresGrad(true) }
+            let y = try F.linear(leaves[0], leaves[1], leaves[2])
+            try (y * up.to(dtype)).sum().backward()
+            return try leaves.map { try XCTUnwrap($0.grad) }
+        }
+        let got = try grads(.float32), want = try grads(.float64)
+        for (i, name) in ["input", "weight", "bias"].enumerated() {
+            XCTAssertLessThan(try maxError(got[i], want[i]), 1e-5, name)
+        }
+    }
+
+    func testEmptyInnerDimensionGivesZeros() throws {
+        let z = try Tensor.zeros([4, 0]).matmul(Tensor.zeros([0, 3]))
+        XCTAssertEqual(z.shape, [4, 3])
+        XCTAssertEqual(try z.floats(), Array(repeating: 0, count: 12))
+    }
+}

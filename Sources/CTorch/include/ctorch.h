@@ -31,6 +31,9 @@ void tt_manual_seed(uint64_t seed);
 int tt_cuda_is_available(void);
 // bytes of freed large CPU blocks the allocator keeps for reuse (allocator.cpp)
 size_t tt_cpu_cached_bytes(void);
+// 1 when fp32 matrix products go to oneDNN instead of MKL (gemm.cpp); products oneDNN has computed so far
+int tt_fp32_gemm_onednn(void);
+uint64_t tt_onednn_products(void);
 tt_generator tt_generator_new(uint64_t seed);
 void tt_generator_free(tt_generator g);
 int tt_set_grad_enabled(int enabled); // returns the previous state
