@@ -49,12 +49,11 @@ bool chooseOneDNN() {
 
 const bool useOneDNN = chooseOneDNN();
 
-// oneDNN takes operands that are contiguous or transposed in their last two dimensions without copying them
-// (autograd's backward products pass transposed views); empty products stay with libtorch (no work, and
-// a zero-length inner dimension must still give zeros).
+// fp32 operands of any layout (mkldnn_matmul takes contiguous and transposed ones, such as the views autograd's
+// backward passes, without a copy, and copies others); empty products stay with libtorch (no work, and a
+// zero-length inner dimension must still give zeros).
 bool routed(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
-         !a.is_conj() && !b.is_conj();
+  return a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0;
 }
 
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, at::Tensor out, float beta) {
@@ -82,8 +81,8 @@ at::Tensor addmm(const at::Tensor& self, const at::Tensor& a, const at::Tensor& 
   if (!plain || !routed(a, b) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0)) {
     return at::cpu::addmm(self, a, b, beta, alpha);
   }
-  at::Tensor out = self.expand({a.size(0), b.size(1)}).contiguous();
-  if (out.is_same(self)) out = out.clone();  // never write into the caller's tensor
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  out.copy_(self);  // broadcast (a bias row); oneDNN then adds the product into it
   return product(a, b, out, 1.0f);
 }
 

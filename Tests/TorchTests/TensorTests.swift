@@ -291,7 +291,8 @@ final class FP32GemmTests: XCTestCase {
     func testGradientsMatchFloat64() throws {
         let g = Generator(seed: 8)
         // float64 originals: `to` makes fresh fp32 leaves of them, and the last run (float64) uses them as leaves.
-        let (x, w) = (try Tensor.randn([2, 9, 32], generator: g).to(.float64), try Tensor.randn([24, 32], generator: g).to(.float64))
+        let x = try Tensor.randn([2, 9, 32], generator: g).to(.float64)
+        let w = try Tensor.randn([24, 32], generator: g).to(.float64)
         let b = try Tensor.randn([24], generator: g).to(.float64), up = try Tensor.randn([2, 9, 24], generator: g)
         func grads(_ dtype: DType) throws -> [Tensor] {
             let leaves = try [x, w, b].map { try $0.to(dtype).requiresGrad(true) }
