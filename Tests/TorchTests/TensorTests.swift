@@ -250,6 +250,14 @@ final class CachingAllocatorTests: XCTestCase {
         XCTAssertEqual(try Tensor.zeros([n]).contentVersion.storage, addressB)
     }
 
+    /// A block of 2 MiB or more starts on a 2 MiB boundary (its data 64 bytes in, after the header), which is
+    /// what lets the kernel back it with huge pages.
+    func testBlocksFromTwoMiBStartOnAHugePageBoundary() throws {
+        let huge = 2 << 20
+        let big = try Tensor.zeros([5_000_003])  // 20 MB of floats, a size no other test allocates
+        XCTAssertEqual((big.contentVersion.storage - 64) % huge, 0)
+    }
+
     func testMuchSmallerRequestsGetFreshBlocks() throws {
         var big: Tensor? = try Tensor.zeros([4 << 20])  // 16 MiB
         let address = big!.contentVersion.storage
