@@ -180,22 +180,34 @@ public struct Rotary {
         invFreq = try Tensor(exps)
     }
 
-    /// cos and sin for positions [B, T] → each [B, 1, T, headDim].
-    public func cosSin(_ positions: Tensor) throws -> (Tensor, Tensor) {
+    /// The RoPE tables for positions [B, T], each [B, 1, T, headDim].
+    public func angles(_ positions: Tensor) throws -> RotaryAngles {
         let freqs = try positions.to(.float32).unsqueeze(-1) * invFreq
-        let emb = try Tensor.cat([freqs, freqs], dim: -1).unsqueeze(1)
-        return (try emb.cos(), try emb.sin())
+        return try RotaryAngles(try Tensor.cat([freqs, freqs], dim: -1).unsqueeze(1))
     }
 
     /// x·cos + rotate_half(x)·sin, with rotate_half(x) = [−x₂, x₁] written as the halves swapped times a
     /// sign folded into sin: the same products bit for bit, and a backward without the zero-filled
     /// gradients that slicing x into halves costs.
-    public static func apply(_ x: Tensor, cos: Tensor, sin: Tensor) throws -> Tensor {
+    public static func apply(_ x: Tensor, _ rope: RotaryAngles) throws -> Tensor {
         let half = x.size(-1) / 2
         let halves = Array(x.shape.dropLast()) + [2, half]
         let swapped = try x.view(halves).flip([-2]).view(x.shape)
-        let s1 = try sin.narrow(dim: -1, start: 0, length: half), s2 = try sin.narrow(dim: -1, start: half, length: half)
-        return try x * cos + swapped * Tensor.cat([s1.neg(), s2], dim: -1)
+        return try x * rope.cos + swapped * rope.signedSin
+    }
+}
+
+/// cos and sin of RoPE angles [..., headDim] (the two halves repeated), with sin's first half negated once per
+/// forward pass rather than in every attention layer (for `Rotary.apply`).
+public struct RotaryAngles {
+    public let cos: Tensor, signedSin: Tensor
+
+    public init(_ angles: Tensor) throws {
+        let half = angles.size(-1) / 2
+        let sin = try angles.sin()
+        cos = try angles.cos()
+        signedSin = try Tensor.cat([sin.narrow(dim: -1, start: 0, length: half).neg(),
+                                    sin.narrow(dim: -1, start: half, length: half)], dim: -1)
     }
 }
 
@@ -237,7 +249,7 @@ public final class LlamaAttention: Module {
         register("o_proj", o_proj)
     }
 
-    func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
+    func callAsFunction(_ x: Tensor, rope: RotaryAngles, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
         let (b, t) = (x.size(0), x.size(1))
         // RoPE, the cache and attention stay fp32: libtorch's CPU attention in bf16 takes 10× longer for
         // one-token queries (decoding) and no less for longer ones.
@@ -245,8 +257,8 @@ public final class LlamaAttention: Module {
         var q = try projected[0].view([b, t, heads, headDim]).transpose(1, 2)
         var k = try projected[1].view([b, t, kvHeads, headDim]).transpose(1, 2)
         var v = try projected[2].view([b, t, kvHeads, headDim]).transpose(1, 2)
-        q = try Rotary.apply(q, cos: cos, sin: sin)
-        k = try Rotary.apply(k, cos: cos, sin: sin)
+        q = try Rotary.apply(q, rope)
+        k = try Rotary.apply(k, rope)
         let causal = mask == nil && (cache == nil || cache!.length == 0) && t > 1
         if let cache { (k, v) = try cache.append(layer: layer, k: k, v: v) }
         let out = try F.scaledDotProductAttention(q, k, v, mask: mask, causal: causal, enableGQA: kvHeads != heads)
@@ -290,9 +302,9 @@ public final class LlamaDecoderLayer: Module {
 
     /// The residual stream stays fp32; under bf16 each block's input is cast once and its products run in
     /// bf16, and the output projection's bf16 result is promoted by the fp32 residual add (autocast's dataflow).
-    public func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
+    public func callAsFunction(_ x: Tensor, rope: RotaryAngles, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
         let a = try Precision.activations(input_layernorm(x))
-        let h = try x + self_attn(a, cos: cos, sin: sin, mask: mask, cache: cache, layer: layer)
+        let h = try x + self_attn(a, rope: rope, mask: mask, cache: cache, layer: layer)
         return try h + mlp(Precision.activations(post_attention_layernorm(h)))
     }
 }
@@ -317,7 +329,7 @@ extension LlamaModel {
     /// The decoder layers and final norm, given RoPE tables for the new positions (1-D RoPE
     /// for Llama/Qwen2, multimodal RoPE for Qwen2.5-VL). Builds the attention mask from the
     /// cache length and the padding of cached and new tokens.
-    public func decode(_ embeddings: Tensor, cos: Tensor, sin: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
+    public func decode(_ embeddings: Tensor, rope: RotaryAngles, cache: KVCache?, valid: Tensor?) throws -> Tensor {
         let (b, t) = (embeddings.size(0), embeddings.size(1))
         let past = cache?.length ?? 0
         var validKeys: Tensor? = valid
@@ -328,7 +340,7 @@ extension LlamaModel {
         let mask = try attentionMask(newTokens: t, past: past, validKeys: validKeys)
         var h = embeddings
         for (i, layer) in layers.enumerated() {
-            h = try layer(h, cos: cos, sin: sin, mask: mask, cache: cache, layer: i)
+            h = try layer(h, rope: rope, mask: mask, cache: cache, layer: i)
         }
         if let cache { try cache.advance(t, validNew: valid) }
         return try norm(h)
@@ -365,8 +377,7 @@ public final class LlamaForCausalLM: Module, CausalLM {
     public func embed(_ ids: Tensor) throws -> Tensor { try model.embed_tokens(ids) }
 
     public func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
-        let (cos, sin) = try rotary.cosSin(positions)
-        return try model.decode(embeddings, cos: cos, sin: sin, cache: cache, valid: valid)
+        return try model.decode(embeddings, rope: rotary.angles(positions), cache: cache, valid: valid)
     }
 
 

@@ -125,12 +125,12 @@ public final class Qwen25VisionAttention: Module {
         register("proj", proj)
     }
 
-    /// x [N, hidden]; cos/sin [1, 1, N, headDim]; patches attend only within their group.
-    func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, groups: Qwen25AttentionGroups) throws -> Tensor {
+    /// x [N, hidden]; RoPE tables [1, 1, N, headDim]; patches attend only within their group.
+    func callAsFunction(_ x: Tensor, rope: RotaryAngles, groups: Qwen25AttentionGroups) throws -> Tensor {
         let n = x.size(0)
         let parts = try qkv(x).view([n, 3, heads, -1]).permute([1, 2, 0, 3]).unsqueeze(1) // [3, 1, H, N, hd]
-        let q = try Rotary.apply(parts.select(dim: 0, index: 0), cos: cos, sin: sin)
-        let k = try Rotary.apply(parts.select(dim: 0, index: 1), cos: cos, sin: sin)
+        let q = try Rotary.apply(parts.select(dim: 0, index: 0), rope)
+        let k = try Rotary.apply(parts.select(dim: 0, index: 1), rope)
         let out = try groups.attend(q, k, parts.select(dim: 0, index: 2))
         return try proj(out.squeeze(0).transpose(0, 1).reshape([n, -1]))
     }
@@ -215,8 +215,8 @@ public final class Qwen25VisionBlock: Module {
         register("attn", attn)
         register("mlp", mlp)
     }
-    func callAsFunction(_ x: Tensor, cos: Tensor, sin: Tensor, groups: Qwen25AttentionGroups) throws -> Tensor {
-        let h = try x + attn(norm1(x), cos: cos, sin: sin, groups: groups)
+    func callAsFunction(_ x: Tensor, rope: RotaryAngles, groups: Qwen25AttentionGroups) throws -> Tensor {
+        let h = try x + attn(norm1(x), rope: rope, groups: groups)
         return try h + mlp(norm2(h))
     }
 }
@@ -312,12 +312,12 @@ public final class Qwen25VisionTransformer: Module {
         let cols = try Tensor(layout.col.map { Int64($0) }).to(.float32).unsqueeze(1) * invFreq
         let half = try Tensor.cat([rows, cols], dim: 1)
         let angles = try Tensor.cat([half, half], dim: 1).unsqueeze(0).unsqueeze(0) // [1, 1, N, hd]
-        let (cos, sin) = (try angles.cos(), try angles.sin())
+        let rope = try RotaryAngles(angles)
 
         let windows = try Qwen25AttentionGroups(segments: layout.window)
         let frames = try Qwen25AttentionGroups(segments: layout.frame)
         for (i, block) in blocks.enumerated() {
-            x = try block(x, cos: cos, sin: sin, groups: c.fullAttentionBlocks.contains(i) ? frames : windows)
+            x = try block(x, rope: rope, groups: c.fullAttentionBlocks.contains(i) ? frames : windows)
         }
         let merged = try mlp2(mlp0(ln_q(x).reshape([n / unit, -1])).gelu())
         let inverse = try order.sort().indices
@@ -372,10 +372,10 @@ public final class Qwen2_5_VLForConditionalGeneration: Module, CausalLM {
 
     public func embed(_ ids: Tensor) throws -> Tensor { try languageModel.embed_tokens(ids) }
 
-    /// cos/sin [B, 1, T, hd] for positions [B, T] (one position for all sections, as text and
+    /// RoPE tables [B, 1, T, hd] for positions [B, T] (one position for all sections, as text and
     /// decode steps have) or [3, B, T] (temporal, height, width).
-    func cosSin(_ positions: Tensor) throws -> (Tensor, Tensor) {
-        guard positions.rank == 3 else { return try rotary.cosSin(positions) }
+    func angles(_ positions: Tensor) throws -> RotaryAngles {
+        guard positions.rank == 3 else { return try rotary.angles(positions) }
         guard positions.size(0) == 3 else { throw ModelError("M-RoPE positions must be [3, B, T], got \(positions.shape)") }
         let freqs = try positions.to(.float32).unsqueeze(-1) * rotary.invFreq // [3, B, T, hd/2]
         var start = 0
@@ -384,13 +384,11 @@ public final class Qwen2_5_VLForConditionalGeneration: Module, CausalLM {
             return try freqs.select(dim: 0, index: i % 3).narrow(dim: -1, start: start, length: n)
         }
         let half = try Tensor.cat(pieces, dim: -1)
-        let emb = try Tensor.cat([half, half], dim: -1).unsqueeze(1)
-        return (try emb.cos(), try emb.sin())
+        return try RotaryAngles(try Tensor.cat([half, half], dim: -1).unsqueeze(1))
     }
 
     public func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
-        let (cos, sin) = try cosSin(positions)
-        return try languageModel.decode(embeddings, cos: cos, sin: sin, cache: cache, valid: valid)
+        return try languageModel.decode(embeddings, rope: angles(positions), cache: cache, valid: valid)
     }
 
     /// In fp32 under every precision: bf16 logits resolve only 0.125 near 25, which turns close calls into ties.
