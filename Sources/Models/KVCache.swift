@@ -5,10 +5,20 @@ import Torch
 /// Storage is preallocated per layer as [batch, kvHeads, capacity, headDim] and written in
 /// place, so a decode step costs one small copy instead of re-concatenating the whole past.
 /// `valid` marks which cached positions each row may attend to (false for left padding).
+///
+/// When one cached row fans out to many (`selectRows` of row 0 only), its positions become a prefix that
+/// all rows share ([1, kvHeads, shared, headDim] per layer) instead of being copied into each: a decode step
+/// then reads the prompt's keys once rather than once per row (`LlamaAttention.sharedPrefixAttention`).
+/// `keys`/`values` hold the positions after the shared ones.
 public final class KVCache {
     public private(set) var keys: [Tensor] = []
     public private(set) var values: [Tensor] = []
+    public private(set) var sharedKeys: [Tensor] = []
+    public private(set) var sharedValues: [Tensor] = []
+    /// Positions cached, shared prefix included.
     public private(set) var length = 0
+    /// Positions in the shared prefix (0: none).
+    public private(set) var shared = 0
     public private(set) var capacity: Int
     public private(set) var batch = 0
     /// [batch, capacity] bool; nil while every position is valid.
@@ -47,19 +57,25 @@ public final class KVCache {
         }
         if keys.count < layers {
             batch = k.size(0)
-            let shape = [k.size(0), k.size(1), capacity, k.size(3)]
+            let shape = [k.size(0), k.size(1), capacity - shared, k.size(3)]
             for _ in 0..<layers {
                 keys.append(try Tensor.empty(shape, dtype: k.dtype))
                 values.append(try Tensor.empty(shape, dtype: v.dtype))
             }
         }
         if length + n > capacity { try grow(to: Swift.max(2 * capacity, length + n)) }
+        let own = length - shared
         try noGrad {
-            try keys[layer].narrow(dim: 2, start: length, length: n).copy_(k)
-            try values[layer].narrow(dim: 2, start: length, length: n).copy_(v)
+            try keys[layer].narrow(dim: 2, start: own, length: n).copy_(k)
+            try values[layer].narrow(dim: 2, start: own, length: n).copy_(v)
         }
-        return (try keys[layer].narrow(dim: 2, start: 0, length: length + n),
-                try values[layer].narrow(dim: 2, start: 0, length: length + n))
+        return (try keys[layer].narrow(dim: 2, start: 0, length: own + n),
+                try values[layer].narrow(dim: 2, start: 0, length: own + n))
+    }
+
+    /// The shared prefix's keys and values of `layer`, if rows share one.
+    func sharedPrefix(layer: Int) -> (keys: Tensor, values: Tensor)? {
+        shared > 0 ? (sharedKeys[layer], sharedValues[layer]) : nil
     }
 
     /// Called once per forward pass, after every layer has appended `n` positions.
@@ -80,13 +96,14 @@ public final class KVCache {
     var validPrefix: Tensor? { get throws { try valid?.narrow(dim: 1, start: 0, length: length) } }
 
     private func grow(to newCapacity: Int) throws {
+        let own = length - shared
         try noGrad {
             for i in 0..<keys.count {
                 var shape = keys[i].shape
-                shape[2] = newCapacity
+                shape[2] = newCapacity - shared
                 let k = try Tensor.empty(shape, dtype: keys[i].dtype), v = try Tensor.empty(shape, dtype: values[i].dtype)
-                try k.narrow(dim: 2, start: 0, length: length).copy_(keys[i].narrow(dim: 2, start: 0, length: length))
-                try v.narrow(dim: 2, start: 0, length: length).copy_(values[i].narrow(dim: 2, start: 0, length: length))
+                try k.narrow(dim: 2, start: 0, length: own).copy_(keys[i].narrow(dim: 2, start: 0, length: own))
+                try v.narrow(dim: 2, start: 0, length: own).copy_(values[i].narrow(dim: 2, start: 0, length: own))
                 keys[i] = k
                 values[i] = v
             }
@@ -102,6 +119,10 @@ public final class KVCache {
     /// Keeps only the given batch rows, in that order (rows may repeat: this is how one
     /// prefilled prompt fans out to N samples without recomputing it).
     public func selectRows(_ rows: [Int]) throws {
+        if !differentiable && shared == 0 && batch == 1 && valid == nil && length > 0 && rows.count > 1
+            && rows.allSatisfy({ $0 == 0 }) {
+            return try shareRowZero(rows: rows.count)
+        }
         let idx = try Tensor(rows.map { Int64($0) })
         try noGrad {
             keys = try keys.map { try $0.indexSelect(dim: 0, index: idx) }
@@ -109,6 +130,19 @@ public final class KVCache {
             valid = try valid?.indexSelect(dim: 0, index: idx)
         }
         batch = rows.count
+    }
+
+    /// Makes the one cached row the shared prefix of `rows` rows (contiguous copies: products read them
+    /// in place), with no positions of their own yet.
+    private func shareRowZero(rows: Int) throws {
+        try noGrad {
+            sharedKeys = try keys.map { try $0.narrow(dim: 2, start: 0, length: length).contiguous() }
+            sharedValues = try values.map { try $0.narrow(dim: 2, start: 0, length: length).contiguous() }
+        }
+        keys = []
+        values = []
+        shared = length
+        batch = rows
     }
 
 }

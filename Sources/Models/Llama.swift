@@ -261,8 +261,40 @@ public final class LlamaAttention: Module {
         k = try Rotary.apply(k, rope)
         let causal = mask == nil && (cache == nil || cache!.length == 0) && t > 1
         if let cache { (k, v) = try cache.append(layer: layer, k: k, v: v) }
-        let out = try F.scaledDotProductAttention(q, k, v, mask: mask, causal: causal, enableGQA: kvHeads != heads)
+        let out = if let prefix = cache?.sharedPrefix(layer: layer) {
+            try sharedPrefixAttention(q, prefix: prefix, k, v, mask: mask)
+        } else {
+            try F.scaledDotProductAttention(q, k, v, mask: mask, causal: causal, enableGQA: kvHeads != heads)
+        }
         return try o_proj(Precision.activations(out.transpose(1, 2).reshape([b, t, heads * headDim])))
+    }
+}
+
+extension LlamaAttention {
+    /// Attention over a prefix every row shares and each row's own positions after it, as explicit products:
+    /// the prefix's keys and values are read once for all rows' queries (one product per key/value head)
+    /// instead of from a copy per row, then both parts' scores share one softmax. q [B, H, T, D]; prefix
+    /// [1, KV, P, D]; k/v [B, KV, S, D]; mask [B or 1, 1, T, P + S] or nil (all positions visible).
+    func sharedPrefixAttention(_ q: Tensor, prefix: (keys: Tensor, values: Tensor), _ k: Tensor, _ v: Tensor,
+                               mask: Tensor?) throws -> Tensor {
+        let (b, t, p, s) = (q.size(0), q.size(2), prefix.keys.size(2), k.size(2))
+        let group = heads / kvHeads
+        let rows = try q.reshape([b, kvHeads, group * t, headDim])        // query heads by key/value head
+        let allRows = try rows.transpose(0, 1).reshape([1, kvHeads, b * group * t, headDim])
+        let onPrefix = try allRows.matmul(prefix.keys.transpose(-1, -2))
+            .reshape([kvHeads, b, group * t, p]).transpose(0, 1)
+        var scores = try Tensor.cat([onPrefix, rows.matmul(k.transpose(-1, -2))], dim: -1)
+            * (1 / Double(headDim).squareRoot())
+        if let mask {
+            scores = try scores.view([b, kvHeads, group, t, p + s])
+                .maskedFill(mask.unsqueeze(1).logicalNot(), -Double.infinity).view([b, kvHeads, group * t, p + s])
+        }
+        let probs = try scores.softmax(dim: -1)
+        let fromPrefix = try probs.narrow(dim: -1, start: 0, length: p).transpose(0, 1)
+            .reshape([1, kvHeads, b * group * t, p]).matmul(prefix.values)
+            .reshape([kvHeads, b, group * t, headDim]).transpose(0, 1)
+        let own = try probs.narrow(dim: -1, start: p, length: s).matmul(v)
+        return try (fromPrefix + own).reshape([b, heads, t, headDim])
     }
 }
 

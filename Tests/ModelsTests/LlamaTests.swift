@@ -86,6 +86,52 @@ final class LlamaTests: XCTestCase {
         try Tokenizer(tokenizerJSON: fixturesRoot.appendingPathComponent("tokenizer/qwen2/tokenizer.json"))
     }
 
+    /// A prompt fanned out to several rows becomes a prefix they share (not copied per row); each row's
+    /// decode steps attend to it and to their own tokens, and give the logits of recomputing the row's whole
+    /// sequence without a cache. With padding (rows of different lengths after the prefix) too.
+    func testFanOutSharesThePromptAndMatchesRecompute() throws {
+        for name in ["tiny-llama", "tiny-qwen2"] {
+            let model = try LMLoader.loadHFModel(fixturesRoot.appendingPathComponent("lm/\(name)"))
+            let prompt = [11, 200, 37, 90, 4, 301, 5]
+            let fed: [[Int]] = [[77, 12, 9], [120, 33, 250], [400, 400, 8]]
+            try noGrad {
+                let cache = KVCache(layers: model.layerCount, capacity: prompt.count + 1)  // grows while decoding
+                _ = try model.forward(embeddings: model.embed(ids(prompt)), positions: Tensor.arange(prompt.count).unsqueeze(0),
+                                      cache: cache, valid: nil)
+                try cache.selectRows([0, 0, 0])
+                XCTAssertEqual(cache.shared, prompt.count, name)
+                for step in 0..<3 {
+                    let tok = try Tensor(fed.map { Int64($0[step]) }, shape: [3, 1])
+                    let pos = try Tensor.full([3, 1], Double(prompt.count + step), dtype: .int64)
+                    let logits = try model.logits(model.forward(embeddings: model.embed(tok), positions: pos, cache: cache, valid: nil))
+                    for r in 0..<3 {
+                        let full = try model(ids(prompt + fed[r].prefix(step + 1))).select(dim: 1, index: prompt.count + step)
+                        XCTAssertLessThan(try maxAbsDiff(logits.select(dim: 0, index: r).reshape([-1]), full.reshape([-1])), 1e-4,
+                                          "\(name) row \(r) step \(step)")
+                    }
+                }
+                XCTAssertEqual(cache.shared, prompt.count, "decoding keeps the prefix shared")
+
+                // Rows of their own lengths after the shared prefix: left padding, masked.
+                let padded = KVCache(layers: model.layerCount, capacity: 16)
+                _ = try model.forward(embeddings: model.embed(ids(prompt)), positions: Tensor.arange(prompt.count).unsqueeze(0),
+                                      cache: padded, valid: nil)
+                try padded.selectRows([0, 0])
+                let rows = [[0, 0, 77], [120, 33, 250]], valid = [false, false, true, true, true, true]
+                let n = prompt.count
+                let pos = try Tensor([Int64(0), 0, Int64(n), Int64(n), Int64(n + 1), Int64(n + 2)], shape: [2, 3])
+                let h = try model.forward(embeddings: model.embed(Tensor(rows.flatMap { $0.map { Int64($0) } }, shape: [2, 3])),
+                                          positions: pos, cache: padded, valid: Tensor(valid, shape: [2, 3]))
+                let last = try model.logits(h.narrow(dim: 1, start: 2, length: 1))
+                for (r, own) in [[77], [120, 33, 250]].enumerated() {
+                    let full = try model(ids(prompt + own)).select(dim: 1, index: n + own.count - 1)
+                    XCTAssertLessThan(try maxAbsDiff(last.select(dim: 0, index: r).reshape([-1]), full.reshape([-1])), 1e-4,
+                                      "\(name) padded row \(r)")
+                }
+            }
+        }
+    }
+
     func testTinyLlamaParity() throws { try checkTiny("tiny-llama") }
     func testTinyQwen2Parity() throws { try checkTiny("tiny-qwen2") }
 
