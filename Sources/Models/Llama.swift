@@ -334,7 +334,8 @@ public final class LlamaDecoderLayer: Module {
 
     /// The residual stream stays fp32; under bf16 each block's input is cast once and its products run in
     /// bf16, and the output projection's bf16 result is promoted by the fp32 residual add (autocast's dataflow).
-    public func callAsFunction(_ x: Tensor, rope: RotaryAngles, mask: Tensor?, cache: KVCache?, layer: Int) throws -> Tensor {
+    public func callAsFunction(_ x: Tensor, rope: RotaryAngles, mask: Tensor?, cache: KVCache?,
+                               layer: Int) throws -> Tensor {
         let a = try Precision.activations(input_layernorm(x))
         let h = try x + self_attn(a, rope: rope, mask: mask, cache: cache, layer: layer)
         return try h + mlp(Precision.activations(post_attention_layernorm(h)))

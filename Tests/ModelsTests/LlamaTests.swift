@@ -95,18 +95,21 @@ final class LlamaTests: XCTestCase {
             let prompt = [11, 200, 37, 90, 4, 301, 5]
             let fed: [[Int]] = [[77, 12, 9], [120, 33, 250], [400, 400, 8]]
             try noGrad {
+                let promptPositions = try Tensor.arange(prompt.count).unsqueeze(0)
                 let cache = KVCache(layers: model.layerCount, capacity: prompt.count + 1)  // grows while decoding
-                _ = try model.forward(embeddings: model.embed(ids(prompt)), positions: Tensor.arange(prompt.count).unsqueeze(0),
+                _ = try model.forward(embeddings: model.embed(ids(prompt)), positions: promptPositions,
                                       cache: cache, valid: nil)
                 try cache.selectRows([0, 0, 0])
                 XCTAssertEqual(cache.shared, prompt.count, name)
                 for step in 0..<3 {
                     let tok = try Tensor(fed.map { Int64($0[step]) }, shape: [3, 1])
                     let pos = try Tensor.full([3, 1], Double(prompt.count + step), dtype: .int64)
-                    let logits = try model.logits(model.forward(embeddings: model.embed(tok), positions: pos, cache: cache, valid: nil))
+                    let h = try model.forward(embeddings: model.embed(tok), positions: pos, cache: cache, valid: nil)
+                    let logits = try model.logits(h)
                     for r in 0..<3 {
-                        let full = try model(ids(prompt + fed[r].prefix(step + 1))).select(dim: 1, index: prompt.count + step)
-                        XCTAssertLessThan(try maxAbsDiff(logits.select(dim: 0, index: r).reshape([-1]), full.reshape([-1])), 1e-4,
+                        let full = try model(ids(prompt + fed[r].prefix(step + 1)))
+                        let want = try full.select(dim: 1, index: prompt.count + step).reshape([-1])
+                        XCTAssertLessThan(try maxAbsDiff(logits.select(dim: 0, index: r).reshape([-1]), want), 1e-4,
                                           "\(name) row \(r) step \(step)")
                     }
                 }
@@ -114,18 +117,19 @@ final class LlamaTests: XCTestCase {
 
                 // Rows of their own lengths after the shared prefix: left padding, masked.
                 let padded = KVCache(layers: model.layerCount, capacity: 16)
-                _ = try model.forward(embeddings: model.embed(ids(prompt)), positions: Tensor.arange(prompt.count).unsqueeze(0),
+                _ = try model.forward(embeddings: model.embed(ids(prompt)), positions: promptPositions,
                                       cache: padded, valid: nil)
                 try padded.selectRows([0, 0])
                 let rows = [[0, 0, 77], [120, 33, 250]], valid = [false, false, true, true, true, true]
                 let n = prompt.count
                 let pos = try Tensor([Int64(0), 0, Int64(n), Int64(n), Int64(n + 1), Int64(n + 2)], shape: [2, 3])
-                let h = try model.forward(embeddings: model.embed(Tensor(rows.flatMap { $0.map { Int64($0) } }, shape: [2, 3])),
-                                          positions: pos, cache: padded, valid: Tensor(valid, shape: [2, 3]))
+                let tokens = try Tensor(rows.flatMap { $0.map { Int64($0) } }, shape: [2, 3])
+                let h = try model.forward(embeddings: model.embed(tokens), positions: pos, cache: padded,
+                                          valid: Tensor(valid, shape: [2, 3]))
                 let last = try model.logits(h.narrow(dim: 1, start: 2, length: 1))
                 for (r, own) in [[77], [120, 33, 250]].enumerated() {
-                    let full = try model(ids(prompt + own)).select(dim: 1, index: n + own.count - 1)
-                    XCTAssertLessThan(try maxAbsDiff(last.select(dim: 0, index: r).reshape([-1]), full.reshape([-1])), 1e-4,
+                    let want = try model(ids(prompt + own)).select(dim: 1, index: n + own.count - 1).reshape([-1])
+                    XCTAssertLessThan(try maxAbsDiff(last.select(dim: 0, index: r).reshape([-1]), want), 1e-4,
                                       "\(name) padded row \(r)")
                 }
             }
