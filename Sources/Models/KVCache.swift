@@ -13,8 +13,8 @@ import Torch
 public final class KVCache {
     public private(set) var keys: [Tensor] = []
     public private(set) var values: [Tensor] = []
-    public private(set) var sharedKeys: [Tensor] = []
-    public private(set) var sharedValues: [Tensor] = []
+    private var sharedKeys: [Tensor] = []
+    private var sharedValues: [Tensor] = []
     /// Positions cached, shared prefix included.
     public private(set) var length = 0
     /// Positions in the shared prefix (0: none).
