@@ -183,7 +183,7 @@ public struct Rotary {
     /// The RoPE tables for positions [B, T], each [B, 1, T, headDim].
     public func angles(_ positions: Tensor) throws -> RotaryAngles {
         let freqs = try positions.to(.float32).unsqueeze(-1) * invFreq
-        return try RotaryAngles(try Tensor.cat([freqs, freqs], dim: -1).unsqueeze(1))
+        return try RotaryAngles(half: freqs.unsqueeze(1))
     }
 
     /// x·cos + rotate_half(x)·sin, with rotate_half(x) = [−x₂, x₁] written as the halves swapped times a
@@ -197,17 +197,16 @@ public struct Rotary {
     }
 }
 
-/// cos and sin of RoPE angles [..., headDim] (the two halves repeated), with sin's first half negated once per
-/// forward pass rather than in every attention layer (for `Rotary.apply`).
+/// cos and sin of RoPE angles, each [..., headDim]: built from the angles of one half [..., headDim/2], which
+/// both halves of a head repeat, with sin's first half negated once per forward pass rather than in every
+/// attention layer (for `Rotary.apply`).
 public struct RotaryAngles {
     public let cos: Tensor, signedSin: Tensor
 
-    public init(_ angles: Tensor) throws {
-        let half = angles.size(-1) / 2
-        let sin = try angles.sin()
-        cos = try angles.cos()
-        signedSin = try Tensor.cat([sin.narrow(dim: -1, start: 0, length: half).neg(),
-                                    sin.narrow(dim: -1, start: half, length: half)], dim: -1)
+    public init(half: Tensor) throws {
+        let c = try half.cos(), s = try half.sin()
+        cos = try Tensor.cat([c, c], dim: -1)
+        signedSin = try Tensor.cat([s.neg(), s], dim: -1)
     }
 }
 

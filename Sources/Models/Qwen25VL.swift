@@ -310,9 +310,7 @@ public final class Qwen25VisionTransformer: Module {
 
         let rows = try Tensor(layout.row.map { Int64($0) }).to(.float32).unsqueeze(1) * invFreq
         let cols = try Tensor(layout.col.map { Int64($0) }).to(.float32).unsqueeze(1) * invFreq
-        let half = try Tensor.cat([rows, cols], dim: 1)
-        let angles = try Tensor.cat([half, half], dim: 1).unsqueeze(0).unsqueeze(0) // [1, 1, N, hd]
-        let rope = try RotaryAngles(angles)
+        let rope = try RotaryAngles(half: Tensor.cat([rows, cols], dim: 1).unsqueeze(0).unsqueeze(0)) // [1, 1, N, hd/2]
 
         let windows = try Qwen25AttentionGroups(segments: layout.window)
         let frames = try Qwen25AttentionGroups(segments: layout.frame)
@@ -383,8 +381,7 @@ public final class Qwen2_5_VLForConditionalGeneration: Module, CausalLM {
             defer { start += n }
             return try freqs.select(dim: 0, index: i % 3).narrow(dim: -1, start: start, length: n)
         }
-        let half = try Tensor.cat(pieces, dim: -1)
-        return try RotaryAngles(try Tensor.cat([half, half], dim: -1).unsqueeze(1))
+        return try RotaryAngles(half: Tensor.cat(pieces, dim: -1).unsqueeze(1))
     }
 
     public func forward(embeddings: Tensor, positions: Tensor, cache: KVCache?, valid: Tensor?) throws -> Tensor {
