@@ -11,6 +11,14 @@
 //
 // TTRV_FP32_GEMM=onednn|blas overrides the choice (default: oneDNN on a non-Intel x86 CPU with AVX-512; on
 // Intel CPUs MKL already runs its AVX-512 code).
+//
+// Where MKL keeps the products (no AVX-512, or TTRV_FP32_GEMM=blas), its vendor check is answered here: MKL asks
+// `mkl_serv_intel_cpu_true` whether to use the kernels it picks from the CPU's feature bits, and on other
+// vendors' CPUs falls back to slower code. libtorch_cpu exports that function and calls it through its PLT; the
+// linker exports an executable's definition of a symbol that a linked library also defines, so in every
+// executable linking the shim this definition is the one bound. On an AMD
+// EPYC with AVX2 only (2 threads), fp32 [4096×1024]·[1024×1024] went from 86–115 to 136–139 GFLOP/s.
+// TTRV_MKL_VENDOR_CHECK=1 gives MKL its own answer (true only on Intel CPUs).
 
 #include <ATen/ATen.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -20,6 +28,8 @@
 #include <torch/library.h>
 
 #include "ctorch.h"
+
+#include <dlfcn.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -106,6 +116,26 @@ struct Install {
 } install;
 
 }  // namespace
+
+// MKL reads the answer once; the environment variable is read on that first call.
+extern "C" __attribute__((visibility("default"), used)) int mkl_serv_intel_cpu_true(void) {
+  static const int answer = [] {
+    const char* env = std::getenv("TTRV_MKL_VENDOR_CHECK");
+    if (env == nullptr || std::strcmp(env, "1") != 0) return 1;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") ? 1 : 0;
+#else
+    return 0;
+#endif
+  }();
+  return answer;
+}
+
+extern "C" int tt_mkl_vendor_check_bound(void) {
+  void* bound = dlsym(RTLD_DEFAULT, "mkl_serv_intel_cpu_true");
+  return bound == reinterpret_cast<void*>(&mkl_serv_intel_cpu_true) ? 1 : 0;
+}
 
 extern "C" int tt_fp32_gemm_onednn(void) { return useOneDNN ? 1 : 0; }
 extern "C" uint64_t tt_onednn_products(void) { return oneDNNProducts.load(std::memory_order_relaxed); }

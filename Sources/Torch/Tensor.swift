@@ -251,6 +251,9 @@ public enum LibTorch {
     /// Whether fp32 matrix products run on oneDNN rather than MKL (see gemm.cpp), and how many it has computed.
     public static var fp32GemmOnOneDNN: Bool { tt_fp32_gemm_onednn() != 0 }
     public static var oneDNNProducts: Int { Int(tt_onednn_products()) }
+    /// Whether MKL's vendor check is answered by the shim, so that MKL picks its kernels from the CPU's features
+    /// on any vendor's CPU (see gemm.cpp).
+    public static var mklVendorCheckBound: Bool { tt_mkl_vendor_check_bound() != 0 }
     public static var gradEnabled: Bool { tt_is_grad_enabled() != 0 }
 
     /// libtorch's operator profile of `body`, written to `path` as "self_ms total_ms calls name" lines sorted by

@@ -296,6 +296,14 @@ final class FP32GemmTests: XCTestCase {
         }
     }
 
+    /// libtorch's MKL must ask the shim, not itself, whether it may use the kernels the CPU's features allow
+    /// (gemm.cpp): this test executable links the shim as `ttrv` does. With the shim's definition hidden or
+    /// renamed, MKL binds its own function and this fails; the products above check that the kernels it then
+    /// picks still compute fp32 products.
+    func testMKLVendorCheckIsAnsweredByTheShim() {
+        XCTAssertTrue(LibTorch.mklVendorCheckBound, "mkl_serv_intel_cpu_true resolves to libtorch's own")
+    }
+
     func testGradientsMatchFloat64() throws {
         let g = Generator(seed: 8)
         // float64 originals: `to` makes fresh fp32 leaves of them, and the last run (float64) uses them as leaves.

@@ -34,6 +34,8 @@ size_t tt_cpu_cached_bytes(void);
 // 1 when fp32 matrix products go to oneDNN instead of MKL (gemm.cpp); products oneDNN has computed so far
 int tt_fp32_gemm_onednn(void);
 uint64_t tt_onednn_products(void);
+// 1 when libtorch's MKL asks this shim's mkl_serv_intel_cpu_true (see gemm.cpp) for its vendor check
+int tt_mkl_vendor_check_bound(void);
 tt_generator tt_generator_new(uint64_t seed);
 void tt_generator_free(tt_generator g);
 int tt_set_grad_enabled(int enabled); // returns the previous state
