@@ -16,8 +16,8 @@
 // `mkl_serv_intel_cpu_true` whether to use the kernels it picks from the CPU's feature bits, and on other
 // vendors' CPUs falls back to slower code. libtorch_cpu exports that function and calls it through its PLT; the
 // linker exports an executable's definition of a symbol that a linked library also defines, so in every
-// executable linking the shim this definition is the one bound. On an AMD
-// EPYC with AVX2 only (2 threads), fp32 [4096×1024]·[1024×1024] went from 86–115 to 136–139 GFLOP/s.
+// executable linking the shim this definition is the one bound. On an AMD EPYC with AVX2 only (2 threads),
+// fp32 [4096×1024]·[1024×1024] went from 86–115 to 136–139 GFLOP/s.
 // TTRV_MKL_VENDOR_CHECK=1 gives MKL its own answer (true only on Intel CPUs).
 
 #include <ATen/ATen.h>
@@ -117,7 +117,7 @@ struct Install {
 
 }  // namespace
 
-// MKL reads the answer once; the environment variable is read on that first call.
+// The environment variable is read on the first call only.
 extern "C" __attribute__((visibility("default"), used)) int mkl_serv_intel_cpu_true(void) {
   static const int answer = [] {
     const char* env = std::getenv("TTRV_MKL_VENDOR_CHECK");
