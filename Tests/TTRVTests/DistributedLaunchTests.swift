@@ -313,8 +313,12 @@ final class DistributedAdaptTests: XCTestCase {
         let one = tmp.appendingPathComponent("one"), two = tmp.appendingPathComponent("two")
         try runAloneAndLaunched(adaptArguments(rows, model: model), single: ["--out", one.path],
                                 launched: ["--out", two.path], launchTimeout: 120, wait: 300)
+        // Adam moves each parameter by up to ≈ lr (1e-3) a step, whatever its gradient's size, so a gradient that
+        // missed the other rank's half differs by that much; summation order alone (2 prompts per product
+        // against 4: MKL's AVX2 kernels block them differently) gave 1.5e-5 after 3 steps, the gradient norms
+        // agreeing to 1e-5 relative (below). The bound is 5e-5, under 2% of the 3e-3 the steps can move.
         XCTAssertLessThan(try largestDifference(one.appendingPathComponent("adapted.safetensors"),
-                                                two.appendingPathComponent("adapted.safetensors")), 1e-5,
+                                                two.appendingPathComponent("adapted.safetensors")), 5e-5,
                           "largest parameter difference after 3 steps")
         let la = try readJSON(AdaptReport.self, from: one.appendingPathComponent("report.json")).log
         let lb = try readJSON(AdaptReport.self, from: two.appendingPathComponent("report.json")).log
