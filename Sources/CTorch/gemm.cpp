@@ -13,11 +13,12 @@
 // Intel CPUs MKL already runs its AVX-512 code).
 //
 // Where MKL keeps the products (no AVX-512, or TTRV_FP32_GEMM=blas), its vendor check is answered here: MKL asks
-// `mkl_serv_intel_cpu_true` whether to use the kernels it picks from the CPU's feature bits, and on other
-// vendors' CPUs falls back to slower code. libtorch_cpu exports that function and calls it through its PLT; the
-// linker exports an executable's definition of a symbol that a linked library also defines, so in every
-// executable linking the shim this definition is the one bound. On an AMD EPYC with AVX2 only (2 threads),
-// fp32 [4096×1024]·[1024×1024] went from 86–115 to 136–139 GFLOP/s.
+// `mkl_serv_intel_cpu_true` whether to use the kernels it picks from the CPU's feature bits, and on other vendors'
+// CPUs runs its generic code path (mkl_blas_def_sgemm_kernel_0_zen instead of mkl_blas_avx2_sgemm_kernel_0).
+// libtorch_cpu exports that function and calls it through its PLT; the linker exports an executable's definition
+// of a symbol that a linked library also defines, so in every executable linking the shim this definition is the
+// one bound. On an AMD EPYC with AVX2 only (2 threads), fp32 [4096×1024]·[1024×1024] went from 86–115 to 136–139
+// GFLOP/s.
 // TTRV_MKL_VENDOR_CHECK=1 gives MKL its own answer (true only on Intel CPUs).
 
 #include <ATen/ATen.h>
