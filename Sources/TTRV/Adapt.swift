@@ -22,9 +22,13 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
     public var lr: Double?
     /// Adds LoRA adapters of this rank to the language model (where it has none), so `lm` trains them.
     public var loraRank: Int?
-    /// Which parts train; nil: the model family's default (see `VisionLanguageModel.defaultTrainedParts`).
+    /// Which parts train; nil: the model family's default (`VisionLanguageModel.defaultTrainedParts`), the projector
+    /// alone with `oneExample` (see `Adapter.defaultParts`).
     public var train: [ModelPart]?
     public var reward: RewardKind = .frequency
+    /// Votes divided by the answer's prior across the adaptation images to this power (see `AnswerPrior`);
+    /// 0 = off (the reference's reward).
+    public var answerBalance = 0.0
     public var entropyCoef = 0.75
     /// nil: group in reference mode, batch in default mode.
     public var advantage: AdvantageNorm?
@@ -61,7 +65,7 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case mode, adaptSamples = "adapt_samples", oneExample = "one_example", epochs, batchPrompts = "batch_prompts"
-        case votes, trainSamples = "train_samples", lr, loraRank = "lora_rank", train, reward
+        case votes, trainSamples = "train_samples", lr, loraRank = "lora_rank", train, reward, answerBalance = "answer_balance"
         case entropyCoef = "entropy_coef", advantage, miniBatchPrompts = "mini_batch_prompts"
         case maxNewTokens = "max_new_tokens", temperature, topP = "top_p", klCoef = "kl_coef", clip
         case dualClip = "dual_clip", weightDecay = "weight_decay", gradClip = "grad_clip", warmupRatio = "warmup_ratio"
@@ -87,6 +91,7 @@ public struct AdaptOptions: Codable, Sendable, Equatable {
         loraRank = try c.decodeIfPresent(Int.self, forKey: .loraRank)
         train = try c.decodeIfPresent([ModelPart].self, forKey: .train)
         reward = try value(.reward, d.reward)
+        answerBalance = try value(.answerBalance, d.answerBalance)
         entropyCoef = try value(.entropyCoef, d.entropyCoef)
         advantage = try c.decodeIfPresent(AdvantageNorm.self, forKey: .advantage)
         miniBatchPrompts = try c.decodeIfPresent(Int.self, forKey: .miniBatchPrompts)
@@ -213,6 +218,8 @@ public final class Adapter {
     /// The policy as the RL steps start (the KL reference), taken by `run` after any label-free input
     /// correction, or on the first step.
     var reference: [Tensor]?
+    /// Which answers the policy gives across the adaptation images so far (the reward's answer-prior correction).
+    var answerPrior = AnswerPrior()
     /// The command line that started the run, for the report.
     public var command: String?
     /// When the collapse guard stops a run (default mode).
@@ -228,7 +235,7 @@ public final class Adapter {
         self.distributed = distributed
         self.log = distributed.isMain ? log : { _ in }
         if let r = options.loraRank { try vlm.addLoRA(rank: r, seed: options.seed) }
-        trainedParts = options.train ?? vlm.defaultTrainedParts
+        trainedParts = options.train ?? Adapter.defaultParts(vlm, oneExample: options.oneExample)
         try vlm.module.freeze()
         for part in trainedParts where vlm.parameters(of: [part]).isEmpty {
             throw AdaptError.nothingToTrain("--train \(part.rawValue): this model has no parameters there")
@@ -243,6 +250,13 @@ public final class Adapter {
                 "--batch-prompts \(options.batchPrompts) does not split over \(distributed.worldSize) processes")
         }
         try distributed.broadcast(trainable.map(\.tensor), from: 0)
+    }
+
+    /// The family's default parts; from one image (`--one-example`) the projector alone where the model has
+    /// one: ten updates on one prompt teach a trained language model that prompt's answer text, which it then
+    /// gives to other images, while every change to the projector has to pass through the image tokens.
+    static func defaultParts(_ vlm: VisionLanguageModel, oneExample: Bool) -> [ModelPart] {
+        oneExample && !vlm.parameters(of: [.projector]).isEmpty ? [.projector] : vlm.defaultTrainedParts
     }
 
     public var trainableCount: Int { trainable.reduce(0) { $0 + $1.tensor.count } }
@@ -295,6 +309,7 @@ public final class Adapter {
         // The guard's whole state follows from the steps it has seen: replay them.
         var guardian = CollapseGuard(thresholds: guardThresholds)
         for l in logs where options.mode == .default { guardian.observe(l.guardStats) }
+        try replayAnswerPrior(logs, adaptData)
         if run.completedSteps > 0 { log("resuming after step \(run.completedSteps) of \(steps.count)") }
         let progress = Progress("adapt", total: main ? steps.count : 0)
         let perEpoch = max(1, steps.count / options.epochs)

@@ -21,7 +21,7 @@ extension Adapter {
 
     /// The log-probs the loss compares against, per trained prompt: old (the sampling policy) and reference.
     struct Targets {
-        /// nil: the training forward's own, detached (one update per step under bf16, see `logprobTargets`).
+        /// nil: the training forward's own, detached (one update per step, see `logprobTargets`).
         var old: Tensor?
         var reference: Tensor?
         /// The sampler's log-probs, to report how far the training forward is from them.
@@ -68,15 +68,47 @@ extension Adapter {
         let sampling = SamplingParams(temperature: options.temperature, topP: options.topP, maxTokens: options.maxNewTokens)
         let seeds = positions.map { options.seed &* 1_000_003 &+ UInt64(step) &* 10_007 &+ UInt64($0) }
         let completions = try generator.generateBatch(prompts, samples: options.votes, params: sampling, seeds: seeds)
+        let samples = batch.indices.map { Array(completions[($0 * options.votes)..<(($0 + 1) * options.votes)]) }
+        let answers = zip(batch, samples).map { item, s in s.map { answerOf($0, item: item, style: options.answerStyle) } }
+        try recordVotes(zip(batch, answers).map { .init(item: $0, votes: VoteCount.histogram($1)) })
         return batch.enumerated().map { i, item in
-            let samples = Array(completions[(i * options.votes)..<((i + 1) * options.votes)])
-            let answers = samples.map { answerOf($0, item: item, style: options.answerStyle) }
+            let samples = samples[i], answers = answers[i]
+            let weights = answerPrior.weights(for: item, answers: answers, power: options.answerBalance)
             let vote = voteRewards(answers: answers, entropyCoef: options.entropyCoef, kind: options.reward,
-                                   denominator: .allVotes)
+                                   denominator: .allVotes, weights: weights)
             let invalid = samples.filter { extractAnswer($0.text, mode: item.answerMode) == nil }.count
             return Rollout(item: item, position: positions[i], prompt: prompts[i], samples: samples, vote: vote,
                            strictInvalid: Double(invalid) / Double(samples.count),
                            trained: samples.prefix(options.trainSamples).map(\.tokens))
+        }
+    }
+
+    /// The step's votes join the answer prior before any reward is paid, every process's in prompt order, so
+    /// that all processes pay alike.
+    func recordVotes(_ mine: [AnswerPrior.Observation]) throws {
+        var all = mine
+        if distributed.worldSize > 1 {
+            let gathered = try distributed.allgather(bytes: Array(try JSONEncoder().encode(mine)))
+            let perRank = try gathered.map { try JSONDecoder().decode([AnswerPrior.Observation].self, from: Data($0)) }
+            // Rank r holds prompts r, r + worldSize, ...: interleave them back into prompt order.
+            all = (0..<perRank.map(\.count).reduce(0, +)).compactMap { k in
+                let rank = k % perRank.count, index = k / perRank.count
+                return index < perRank[rank].count ? perRank[rank][index] : nil
+            }
+        }
+        for o in all { answerPrior.record(o) }
+    }
+
+    /// A resumed run rebuilds the answer prior from the logged steps' votes.
+    func replayAnswerPrior(_ logs: [StepLog], _ data: Dataset) throws {
+        let items = Dictionary(data.items.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+        for l in logs {
+            for (id, votes) in zip(l.itemIds ?? [], l.voteCounts ?? []) {
+                guard let item = items[id] else {
+                    throw AdaptError.checkpoint(logURL, "step \(l.step) votes on item \(id), which \(data.name) lacks")
+                }
+                answerPrior.record(.init(item: item, votes: votes))
+            }
         }
     }
 
@@ -115,13 +147,14 @@ extension Adapter {
         return try GRPO.sequenceLogprobs(lm: vlm.lm, prompt: prepare(r.item), responses: r.trained, padId: padId)
     }
 
-    /// Old log-probs, so that the first update of a step is exactly on-policy: in fp32 at temperature 1 the
-    /// sampler's own (same weights, same distribution; tests hold the two paths equal). Under bf16 the
-    /// batched decode and the training forward round differently, so old log-probs come from the training
-    /// forward itself (as verl recomputes them): its own detached output when a step makes one update,
-    /// else one autograd-mode pass before the first update (the pass without autograd uses merged LoRA
-    /// weights, which round differently again). Reference log-probs come from the starting policy, under
-    /// bf16 also in autograd mode, so that the KL is exactly 0 while the weights are the starting ones.
+    /// Old log-probs, so that the first update of a step is exactly on-policy. The batched decode and the
+    /// training forward round differently (bf16 always; fp32 by up to ≈2e-5 in MKL's AVX2 kernels), so
+    /// when a step makes one update old log-probs are the training forward's own detached output (ratio
+    /// exactly 1). With several updates per step they are one pass before the first update: in fp32 at
+    /// temperature 1 the sampler's own (same weights, same distribution), under bf16 an autograd-mode pass
+    /// (the pass without autograd uses merged LoRA weights, which round differently again). Reference
+    /// log-probs come from the starting policy, under bf16 also in autograd mode, so that the KL is exactly
+    /// 0 while the weights are the starting ones.
     func logprobTargets(_ rollouts: [Rollout], _ active: [Int]) throws -> [Int: Targets] {
         var targets: [Int: Targets] = [:]
         let oneUpdate = options.resolvedMiniBatch >= active.count
@@ -129,8 +162,10 @@ extension Adapter {
             for i in active {
                 let sampler = try samplerLogprobs(rollouts[i])
                 let old: Tensor?
-                if Precision.current == .bf16 {
-                    old = oneUpdate ? nil : try withGrad { try policyLogprobs(rollouts[i]).logp.detach() }
+                if oneUpdate {
+                    old = nil
+                } else if Precision.current == .bf16 {
+                    old = try withGrad { try policyLogprobs(rollouts[i]).logp.detach() }
                 } else {
                     old = options.temperature == 1 ? sampler : try policyLogprobs(rollouts[i]).logp
                 }

@@ -98,6 +98,9 @@ public struct EvalReport: Codable, Sendable {
     /// Share of items whose majority answer differs from the greedy one: the room self-consistency
     /// training has (0 when sampling only ever confirms the greedy answer).
     public var majorityDiffersShare: Double?
+    /// Accuracy of the majority after each answer's votes are divided by its prior over all evaluated items
+    /// (`AnswerPrior`, power 1): what the answer-balanced reward steers towards, label-free.
+    public var balancedMajAccuracy: Double?
     public var votes: Int
     public var seconds: Double
     public var imagesPerSecond: Double
@@ -105,7 +108,8 @@ public struct EvalReport: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case dataset, model, items, accuracy, invalidShare = "invalid_share", majAccuracy = "maj_accuracy"
-        case passAtN = "pass_at_n", majorityDiffersShare = "majority_differs_share", votes, seconds
+        case passAtN = "pass_at_n", majorityDiffersShare = "majority_differs_share"
+        case balancedMajAccuracy = "balanced_maj_accuracy", votes, seconds
         case imagesPerSecond = "images_per_s", predictions
     }
 }
@@ -187,8 +191,22 @@ public enum Evaluator {
                           majAccuracy: options.votes > 0 ? Double(majCorrect) / Double(n) : nil,
                           passAtN: options.votes > 0 ? Double(passN) / Double(n) : nil,
                           majorityDiffersShare: options.votes > 0 ? Double(differs) / Double(n) : nil,
+                          balancedMajAccuracy: options.votes > 0 ? balancedMajority(items, preds) / Double(n) : nil,
                           votes: options.votes,
                           seconds: secs, imagesPerSecond: Double(items.count) / max(secs, 1e-9), predictions: preds)
+    }
+}
+
+/// How many items the answer-balanced majority gets right (the prior taken over every item's votes).
+func balancedMajority(_ items: [Item], _ preds: [ItemPrediction]) -> Double {
+    var prior = AnswerPrior()
+    for (item, p) in zip(items, preds) { prior.record(.init(item: item, votes: p.votes ?? [])) }
+    return zip(items, preds).reduce(0.0) { sum, pair in
+        let (item, p) = pair
+        let answers = (p.votes ?? []).flatMap { Array(repeating: $0.answer, count: $0.count) }
+        let vote = voteRewards(answers: answers, entropyCoef: 0, denominator: .allVotes,
+                               weights: prior.weights(for: item, answers: answers, power: 1))
+        return sum + (isCorrect(vote.majority, item) ? 1 : 0)
     }
 }
 

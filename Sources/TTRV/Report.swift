@@ -137,6 +137,7 @@ public enum HTMLReport {
         row("greedy accuracy", \.accuracy)
         row(before.votes > 0 ? "maj@\(before.votes) accuracy" : "maj@N accuracy (eval had no --votes)", \.majAccuracy)
         row(before.votes > 0 ? "pass@\(before.votes)" : "pass@N", \.passAtN)
+        row("answer-balanced maj@N accuracy", \.balancedMajAccuracy)
         row("majority ≠ greedy answer", \.majorityDiffersShare)
         row("invalid greedy replies", \.invalidShare, lowerIsBetter: true)
         h += "<tr><td>items</td>" + cols.map { "<td>\($0.items)</td>" }.joined() + (after == nil ? "" : "<td></td>") + "</tr>\n"
@@ -277,6 +278,7 @@ public enum HTMLReport {
         if let c = o.checkpointEvery { a += ["--checkpoint-every", "\(c)"] }
         a += ["--reward", o.reward.rawValue, "--entropy-coef", "\(o.entropyCoef)"]
         if let adv = o.advantage { a += ["--advantage", adv.rawValue] }
+        if o.answerBalance != 0 { a += ["--answer-balance", "\(o.answerBalance)"] }
         a += ["--max-new-tokens", "\(o.maxNewTokens)", "--kl-coef", "\(o.klCoef)"]
         if let n = o.evalLimit { a += ["--eval-limit", "\(n)"] }
         a += ["--seed", "\(o.seed)"]

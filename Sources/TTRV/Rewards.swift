@@ -51,9 +51,13 @@ public struct VoteResult: Sendable, Equatable {
 /// minority answer whenever the entropy term exceeds its share (e.g. 1/32 − 0.75), which
 /// teaches the model to stop answering; with share 0 an invalid reply is always the worst
 /// outcome of its prompt, in per-group and in batch normalisation alike.
+///
+/// `weights` (the answer-prior correction, see `AnswerPrior`) scales each answer's votes before shares and
+/// the majority are taken; the weighted votes keep the valid votes' total, so without weights (or with equal
+/// ones) nothing changes. The entropy term and `majorityRatio` stay those of the raw votes.
 public func voteRewards(
     answers: [String?], entropyCoef: Double = 0.75, kind: RewardKind = .frequency,
-    denominator: VoteDenominator
+    denominator: VoteDenominator, weights: [String: Double]? = nil
 ) -> VoteResult {
     var counts: [String: Int] = [:]
     var firstSeen: [String] = []
@@ -64,8 +68,16 @@ public func voteRewards(
     let total = answers.count
     let valid = counts.values.reduce(0, +)
 
+    var weighted = counts.mapValues(Double.init)
+    if let weights {
+        for a in firstSeen { weighted[a]! *= weights[a] ?? 1 }
+        // In the order of first appearance: a dictionary's order changes from process to process, and a
+        // resumed run must pay the same rewards to the last bit.
+        let total = firstSeen.reduce(0) { $0 + weighted[$1]! }
+        if total > 0 { weighted = weighted.mapValues { $0 * Double(valid) / total } }
+    }
     var majority: String?
-    for a in firstSeen where majority == nil || counts[a]! > counts[majority!]! {
+    for a in firstSeen where majority == nil || weighted[a]! > weighted[majority!]! {
         majority = a
     }
 
@@ -82,7 +94,7 @@ public func voteRewards(
     let rewards = answers.map { a -> Double in
         guard let a else { return -penalty }
         switch kind {
-        case .frequency: return Double(counts[a]!) / shareOf - penalty
+        case .frequency: return weighted[a]! / shareOf - penalty
         case .majority: return (a == majority ? 1 : 0) - penalty
         }
     }
@@ -91,6 +103,83 @@ public func voteRewards(
         majorityRatio: total == 0 ? 0 : Double(majority.map { counts[$0]! } ?? 0) / Double(total),
         invalidShare: total == 0 ? 0 : Double(total - valid) / Double(total),
         entropy: entropy, normalizedEntropy: normalized, rewards: rewards)
+}
+
+// MARK: - Answer prior
+
+/// How often the policy gives each answer across the adaptation images, whatever the image: the label-free
+/// correction for a policy that favours some answers under a shift (on noisy Fashion-MNIST the default VLM
+/// answers "Shirt" three times as often as shirts occur, and its majority vote inherits that). Dividing an
+/// answer's votes by its prior π, `weight = π^-power`, rewards what this image says beyond what every image
+/// gets; as training evens the policy's answers out, π flattens and the correction fades by itself. It
+/// assumes the test answers are roughly balanced (as SHOT's diversity term does), so `power` is an option.
+///
+/// π(c) is c's mean vote share over the images that offer c (every open-ended image offers every answer),
+/// each image counted once with its latest votes, plus one pseudo-image that gives all its answers alike.
+/// One image alone (`--one-example`) has no prior apart from its own votes, which the correction would
+/// flatten: weights are only given from `minImages` distinct images on.
+public struct AnswerPrior: Sendable {
+    public static let minImages = 8
+    private var latest: [String: (offered: [String]?, shares: [String: Double])] = [:]
+
+    public init() {}
+
+    public var images: Int { latest.count }
+
+    /// One image's votes (answers as voted: letters for multiple choice), as processes exchange them.
+    public struct Observation: Codable, Sendable, Equatable {
+        public var item: String
+        public var options: [String]?
+        public var votes: [VoteCount]
+        public init(item: Item, votes: [VoteCount]) {
+            self.item = item.id
+            options = item.options
+            self.votes = votes
+        }
+    }
+
+    /// An image's latest votes replace its earlier ones; an image with no valid vote leaves no record.
+    public mutating func record(_ o: Observation) {
+        let valid = o.votes.compactMap { v in v.answer.map { ($0, v.count) } }
+        let total = Double(valid.reduce(0) { $0 + $1.1 })
+        guard total > 0 else { return }
+        var shares: [String: Double] = [:]
+        for (a, n) in valid { shares[answerContent(a, options: o.options), default: 0] += Double(n) / total }
+        latest[o.item] = (o.options, shares)
+    }
+
+    /// π of one answer content for an image with these options (nil: open-ended).
+    public func prior(of content: String, options: [String]?) -> Double {
+        var sum = 0.0, count = 0.0
+        var openAnswers = Set<String>()
+        for key in latest.keys.sorted() {
+            let e = latest[key]!
+            if options == nil, e.offered == nil { openAnswers.formUnion(e.shares.keys) }
+            guard options == nil ? e.offered == nil : e.offered?.contains(content) == true else { continue }
+            sum += e.shares[content] ?? 0
+            count += 1
+        }
+        let uniform = 1 / Double(max(1, options?.count ?? openAnswers.count))
+        return (sum + uniform) / (count + 1)
+    }
+
+    /// Vote weights for `item`'s answers (as voted), nil while too few images have voted or `power` is 0.
+    public func weights(for item: Item, answers: [String?], power: Double) -> [String: Double]? {
+        guard power > 0, images >= Self.minImages else { return nil }
+        var w: [String: Double] = [:]
+        for case let a? in answers where w[a] == nil {
+            w[a] = pow(prior(of: answerContent(a, options: item.options), options: item.options), -power)
+        }
+        return w
+    }
+}
+
+/// What an answer says: the option's text for a multiple-choice letter, else the answer itself.
+func answerContent(_ answer: String, options: [String]?) -> String {
+    guard let options, let i = optionLetters(count: options.count).firstIndex(of: answer) else {
+        return answer
+    }
+    return options[i]
 }
 
 // MARK: - GRPO advantages

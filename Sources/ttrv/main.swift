@@ -333,6 +333,7 @@ struct Eval: ParsableCommand {
                           r.invalidShare, r.imagesPerSecond, runtime.precisionLine)
         if let m = r.majAccuracy, let p = r.passAtN, let d = r.majorityDiffersShare {
             line += String(format: ", maj@%d %.4f, pass@%d %.4f, majority ≠ greedy on %.4f", votes, m, votes, p, d)
+            if let b = r.balancedMajAccuracy { line += String(format: ", answer-balanced maj@%d %.4f", votes, b) }
         }
         print(line)
         if let json { try writeJSON(r, to: URL(fileURLWithPath: json)) }
@@ -351,11 +352,13 @@ struct AdaptArguments: ParsableArguments {
     @Option(name: .customLong("train-samples")) var trainSamples: Int = 16
     @Option(help: "Learning rate (default 5e-7 in reference mode, else 2e-5).") var lr: Double?
     @Option(name: .customLong("lora-rank"), help: "Add LoRA adapters of this rank to the language model; `lm` then trains them.") var loraRank: Int?
-    @Option(help: "Parts to train, comma-separated: vision, vision-norm, projector, lm (its LoRA adapters when it has some), all (every weight). Default: the family's, as the reference trains it.") var train: String?
+    @Option(help: "Parts to train, comma-separated: vision, vision-norm, projector, lm (its LoRA adapters when it has some), all (every weight). Default: the family's, as the reference trains it; with --one-example the projector alone.") var train: String?
     @Option(name: .customLong("mini-batch-prompts"), help: "Prompts per optimiser update (default: 1 in reference mode, the whole step otherwise).") var miniBatchPrompts: Int?
     @Option(name: .customLong("checkpoint-every"), help: "Checkpoint every N steps (default: every step when small, else every 5; the last step always).") var checkpointEvery: Int?
     @Option(help: "frequency or majority.") var reward: String = "frequency"
     @Option(name: .customLong("entropy-coef")) var entropyCoef: Double = 0.75
+    @Option(name: .customLong("answer-balance"), help: "Divide each answer's votes by how often the policy gives that answer across the adaptation images, to this power (0 = off, the reference's reward).")
+    var answerBalance: Double = 0
     @Option(help: "group or batch advantage normalisation (default: group in reference mode, batch otherwise).") var advantage: String?
     @Option(help: "reference or default.") var mode: String = "default"
     @Option(name: .customLong("max-new-tokens")) var maxNewTokens: Int = 8
@@ -400,6 +403,8 @@ struct AdaptArguments: ParsableArguments {
         }
         if let r = loraRank, r < 1 { throw ValidationError("--lora-rank must be at least 1") }
         o.entropyCoef = entropyCoef
+        guard answerBalance >= 0, answerBalance.isFinite else { throw ValidationError("--answer-balance must be >= 0") }
+        o.answerBalance = answerBalance
         o.maxNewTokens = maxNewTokens
         o.klCoef = klCoef
         o.evalLimit = evalLimit

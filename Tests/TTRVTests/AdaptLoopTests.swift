@@ -39,14 +39,16 @@ func smallOptions(votes: Int = 4, train: [ModelPart]? = nil) -> AdaptOptions {
     return o
 }
 
-/// The first update of a step is strictly on-policy: the training forward's log-probs equal the sampler's,
-/// so every ratio is 1 (no clipping) and the policy equals the KL reference.
+/// The first update of a step is strictly on-policy: the training forward's log-probs equal the sampler's
+/// (within rounding), old log-probs are the training forward's own, so every ratio is exactly 1 (no
+/// clipping), and the policy equals the KL reference.
 final class OnPolicyTests: XCTestCase {
     func assertOnPolicy(_ vlm: VisionLanguageModel, _ data: Dataset, _ o: AdaptOptions, _ what: String) throws {
         let adapter = try Adapter(vlm: vlm, options: o, out: tempDir("onpolicy"), log: { _ in })
         let log = try adapter.step(data.items, index: 0, epoch: 0, totalSteps: 2)
         XCTAssertEqual(log.updates, 1, what)
-        XCTAssertLessThan(log.ratioMaxAbsLog, 1e-4, "\(what): |log ratio| before the first update")
+        XCTAssertEqual(log.ratioMaxAbsLog, 0, "\(what): |log ratio| before the first update")
+        XCTAssertLessThan(log.samplerMaxAbsLog ?? 1, 1e-4, "\(what): the sampler draws from the trained policy")
         XCTAssertEqual(log.clipFraction, 0, what)
         XCTAssertLessThan(log.kl, 1e-6, "\(what): KL to the reference before the first update")
     }
@@ -162,6 +164,17 @@ final class TrainedPartsTests: XCTestCase {
         XCTAssertTrue(c.contains { $0.hasPrefix("model.visual.blocks.") }, "vision tower")
         XCTAssertTrue(c.contains { $0.hasPrefix("model.visual.merger.") }, "projector (merger)")
         XCTAssertTrue(c.contains { $0.hasPrefix("model.language_model.layers.") }, "language model")
+    }
+
+    func testOneExampleTrainsOnlyTheProjector() throws {
+        let dir = fixtureDir.appendingPathComponent("qwen25vl")
+        var o = smallOptions()
+        o.oneExample = true
+        let c = try changed(try ModelRegistry.load(dir.path), unevenItems(images: dir), o)
+        XCTAssertFalse(c.isEmpty)
+        XCTAssertTrue(c.allSatisfy { $0.hasPrefix("model.visual.merger.") }, "\(c.sorted())")
+        // A model without a projector keeps its default.
+        XCTAssertEqual(Adapter.defaultParts(try TextVLM(), oneExample: true), [.lm])
     }
 
     func testQwen25VLWithLoRATrainsOnlyAdaptersAndProjector() throws {

@@ -278,28 +278,10 @@ final class Child: @unchecked Sendable {
 final class DistributedAdaptTests: XCTestCase {
     func ttrv() throws -> String { try builtTTRV() }
 
-    /// The tiny Qwen2.5-VL with its (tied) output embedding scaled up, so that its samples repeat and the votes
-    /// give real advantages (the random model spreads them evenly, leaving only the KL term's tiny gradient,
-    /// whose rounding noise Adam turns into full-size steps).
-    func sharpenedModel(in dir: URL) throws -> URL {
-        let src = fixtureDir.appendingPathComponent("qwen25vl"), dst = dir.appendingPathComponent("model")
-        try FileManager.default.createDirectory(at: dst, withIntermediateDirectories: true)
-        var state: [String: Tensor] = [:]
-        for f in try FileManager.default.contentsOfDirectory(atPath: src.path) {
-            if f.hasSuffix(".safetensors") {
-                state.merge(try SafeTensorsFile(url: src.appendingPathComponent(f)).tensors()) { a, _ in a }
-            } else if f.hasSuffix(".json") && f != "model.safetensors.index.json" || f.hasSuffix(".jinja") {
-                try FileManager.default.copyItem(at: src.appendingPathComponent(f), to: dst.appendingPathComponent(f))
-            }
-        }
-        state["model.embed_tokens.weight"] = try state["model.embed_tokens.weight"]! * 3
-        try saveSafeTensors(state, to: dst.appendingPathComponent("model.safetensors"))
-        return dst
-    }
 
-    func adaptArguments(_ rows: URL, model: URL, epochs: Int = 3) -> [String] {
+    func adaptArguments(_ rows: URL, model: URL, epochs: Int = 3, samples: Int = 4) -> [String] {
         ["adapt", "--model", model.path, "--data", rows.path, "--mode", "reference",
-         "--advantage", "batch", "--mini-batch-prompts", "4", "--adapt-samples", "4", "--batch-prompts", "4",
+         "--advantage", "batch", "--mini-batch-prompts", "4", "--adapt-samples", "\(samples)", "--batch-prompts", "4",
          "--epochs", "\(epochs)", "--votes", "8", "--train-samples", "8", "--max-new-tokens", "1", "--lr", "1e-3",
          "--lora-rank", "2", "--eval-limit", "4"]
     }
@@ -308,21 +290,24 @@ final class DistributedAdaptTests: XCTestCase {
         let tmp = tempDir("dp")
         try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: tmp) }
-        let rows = try writeResumeRows(tmp)
-        let model = try sharpenedModel(in: tmp)
+        // 8 open-ended images, so that the answer prior weighs the votes from the second step on: every process
+        // must pay its prompts from the votes of all processes' prompts.
+        let rows = try writeResumeRows(tmp, count: 8, openEnded: true)
+        let model = try sharpenedTinyModel(in: tmp, scale: 2)
         let one = tmp.appendingPathComponent("one"), two = tmp.appendingPathComponent("two")
-        try runAloneAndLaunched(adaptArguments(rows, model: model), single: ["--out", one.path],
-                                launched: ["--out", two.path], launchTimeout: 120, wait: 300)
+        let args = adaptArguments(rows, model: model, epochs: 2, samples: 8) + ["--answer-balance", "1"]
+        try runAloneAndLaunched(args, single: ["--out", one.path], launched: ["--out", two.path],
+                                launchTimeout: 120, wait: 300)
         // Adam moves each parameter by up to ≈ lr (1e-3) a step, whatever its gradient's size, so a gradient that
         // missed the other rank's half differs by that much; summation order alone (2 prompts per product
         // against 4: MKL's AVX2 kernels block them differently) gave 1.5e-5 after 3 steps, the gradient norms
         // agreeing to 1e-5 relative (below). The bound is 5e-5, under 2% of the 3e-3 the steps can move.
         XCTAssertLessThan(try largestDifference(one.appendingPathComponent("adapted.safetensors"),
                                                 two.appendingPathComponent("adapted.safetensors")), 5e-5,
-                          "largest parameter difference after 3 steps")
+                          "largest parameter difference after 4 steps")
         let la = try readJSON(AdaptReport.self, from: one.appendingPathComponent("report.json")).log
         let lb = try readJSON(AdaptReport.self, from: two.appendingPathComponent("report.json")).log
-        XCTAssertEqual(la.count, 3)
+        XCTAssertEqual(la.count, 4)
         XCTAssertEqual(la.map(\.majorities), lb.map(\.majorities))
         XCTAssertEqual(la.map(\.itemIds), lb.map(\.itemIds))
         for (x, y) in zip(la, lb) {
@@ -371,4 +356,23 @@ final class DistributedAlignTests: XCTestCase {
                                                 two.appendingPathComponent("model.safetensors")), 1e-5,
                           "largest parameter difference after 2 steps")
     }
+}
+
+/// The tiny Qwen2.5-VL with its (tied) output embedding scaled up, so that its samples repeat and the votes
+/// give real advantages (the random model spreads them evenly, leaving only the KL term's tiny gradient,
+/// whose rounding noise Adam turns into full-size steps).
+func sharpenedTinyModel(in dir: URL, scale: Double = 3) throws -> URL {
+    let src = fixtureDir.appendingPathComponent("qwen25vl"), dst = dir.appendingPathComponent("model")
+    try FileManager.default.createDirectory(at: dst, withIntermediateDirectories: true)
+    var state: [String: Tensor] = [:]
+    for f in try FileManager.default.contentsOfDirectory(atPath: src.path) {
+        if f.hasSuffix(".safetensors") {
+            state.merge(try SafeTensorsFile(url: src.appendingPathComponent(f)).tensors()) { a, _ in a }
+        } else if f.hasSuffix(".json") && f != "model.safetensors.index.json" || f.hasSuffix(".jinja") {
+            try FileManager.default.copyItem(at: src.appendingPathComponent(f), to: dst.appendingPathComponent(f))
+        }
+    }
+    state["model.embed_tokens.weight"] = try state["model.embed_tokens.weight"]! * scale
+    try saveSafeTensors(state, to: dst.appendingPathComponent("model.safetensors"))
+    return dst
 }

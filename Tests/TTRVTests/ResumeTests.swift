@@ -5,11 +5,19 @@ import XCTest
 @testable import TTRV
 
 /// The uneven items as a verl JSON file (images from the Qwen2.5-VL fixtures).
-func writeResumeRows(_ dir: URL) throws -> URL {
+/// `openEnded`: "What is this?" answered "cat", so that every image offers every answer (the answer prior
+/// then weighs the tiny models' free-text replies, which no option list contains).
+func writeResumeRows(_ dir: URL, count: Int = 4, openEnded: Bool = false) throws -> URL {
     let images = fixtureDir.appendingPathComponent("qwen25vl")
-    let rows = unevenItems(images: images).items.enumerated().map { i, item -> [String: String] in
-        ["prompt": item.prompt, "image_path": images.appendingPathComponent(i % 2 == 0 ? "wide.png" : "tall.png").path,
-         "answer": item.answer!, "id": item.id]
+    let items = unevenItems(images: images).items
+    let rows = (0..<count).map { i -> [String: String] in
+        let item = items[i % items.count]
+        if openEnded {
+            return ["prompt": "<image> \n What is this?", "answer": "cat", "id": "\(i)",
+                    "image_path": images.appendingPathComponent(i % 2 == 0 ? "wide.png" : "tall.png").path]
+        }
+        return ["prompt": item.prompt, "image_path": images.appendingPathComponent(i % 2 == 0 ? "wide.png" : "tall.png").path,
+                "answer": item.answer!, "id": "\(i)"]
     }
     let url = dir.appendingPathComponent("rows.json")
     try JSONSerialization.data(withJSONObject: rows).write(to: url)
@@ -20,12 +28,13 @@ func writeResumeRows(_ dir: URL) throws -> URL {
 final class ResumeTests: XCTestCase {
     let ttrv = fixtureDir.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent(".build/debug/ttrv")
 
-    func adapt(_ rows: URL, out: URL) -> Process {
+    static let plain = ["--adapt-samples", "4", "--batch-prompts", "2", "--epochs", "5", "--max-new-tokens", "3"]
+
+    func adapt(_ rows: URL, out: URL, settings: [String] = plain, model: URL? = nil) -> Process {
         let p = Process()
         p.executableURL = ttrv
-        p.arguments = ["adapt", "--model", fixtureDir.appendingPathComponent("qwen25vl").path, "--data", rows.path,
-                       "--mode", "reference", "--adapt-samples", "4", "--batch-prompts", "2", "--epochs", "5",
-                       "--votes", "6", "--train-samples", "4", "--max-new-tokens", "3", "--lr", "1e-3",
+        p.arguments = ["adapt", "--model", (model ?? fixtureDir.appendingPathComponent("qwen25vl")).path, "--data", rows.path,
+                       "--mode", "reference"] + settings + ["--votes", "6", "--train-samples", "4", "--lr", "1e-3",
                        "--eval-limit", "4", "--threads", "1", "--out", out.path]
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
@@ -47,19 +56,35 @@ final class ResumeTests: XCTestCase {
     }
 
     func testKilledRunResumesToTheSameResult() throws {
+        try assertResumes(rows: 4, settings: Self.plain, killAfter: [2, 6], steps: 10)
+    }
+
+    /// The answer prior (which needs 8 images) is rebuilt from the logged votes: killed after step 5 (8 images
+    /// seen), the rest of the run sees only 6 images again, so without the replay it would pay unweighted votes.
+    /// The sharpened model's one-token replies repeat, so that the weights change rewards (measured: from step 3
+    /// on the weighted run keeps several answers where the unweighted one settles on one).
+    func testKilledRunResumesTheAnswerPrior() throws {
+        let settings = ["--adapt-samples", "8", "--batch-prompts", "2", "--epochs", "2", "--answer-balance", "1",
+                        "--max-new-tokens", "1"]
+        try assertResumes(rows: 8, settings: settings, killAfter: [2, 5], steps: 8, sharpened: true)
+    }
+
+    func assertResumes(rows count: Int, settings: [String], killAfter points: [Int], steps: Int,
+                       sharpened: Bool = false) throws {
         guard FileManager.default.fileExists(atPath: ttrv.path) else { return XCTFail("\(ttrv.path) is not built") }
         let dir = tempDir("resume")
         defer { try? FileManager.default.removeItem(at: dir) }
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        let rows = try writeResumeRows(dir)
+        let rows = try writeResumeRows(dir, count: count, openEnded: sharpened)
+        let model = sharpened ? try sharpenedTinyModel(in: dir, scale: 2) : nil
         let whole = dir.appendingPathComponent("whole"), killed = dir.appendingPathComponent("killed")
-        let p = adapt(rows, out: whole)
+        let p = adapt(rows, out: whole, settings: settings, model: model)
         try p.run()
         p.waitUntilExit()
         XCTAssertEqual(p.terminationStatus, 0)
         // Killed twice, at different points of the run, then finished by the same command.
-        for killAfter in [2, 6] {
-            let k = adapt(rows, out: killed)
+        for killAfter in points {
+            let k = adapt(rows, out: killed, settings: settings, model: model)
             try k.run()
             let deadline = Date().addingTimeInterval(300)
             while k.isRunning, logLines(killed) < killAfter, Date() < deadline { usleep(20_000) }
@@ -67,7 +92,7 @@ final class ResumeTests: XCTestCase {
             kill(k.processIdentifier, SIGKILL)
             k.waitUntilExit()
         }
-        let last = adapt(rows, out: killed)
+        let last = adapt(rows, out: killed, settings: settings, model: model)
         try last.run()
         last.waitUntilExit()
         XCTAssertEqual(last.terminationStatus, 0)
@@ -78,7 +103,7 @@ final class ResumeTests: XCTestCase {
         XCTAssertEqual(try untimed(whole), try untimed(killed))
         let ra = try readJSON(AdaptReport.self, from: whole.appendingPathComponent("report.json"))
         let rb = try readJSON(AdaptReport.self, from: killed.appendingPathComponent("report.json"))
-        XCTAssertEqual(ra.steps, 10)
+        XCTAssertEqual(ra.steps, steps)
         XCTAssertEqual([ra.accuracyBefore, ra.accuracyAfter], [rb.accuracyBefore, rb.accuracyAfter])
         XCTAssertEqual(try readJSON(EvalReport.self, from: whole.appendingPathComponent("eval_after.json")).predictions.map(\.response),
                        try readJSON(EvalReport.self, from: killed.appendingPathComponent("eval_after.json")).predictions.map(\.response))

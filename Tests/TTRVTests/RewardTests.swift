@@ -97,6 +97,109 @@ final class RewardTests: XCTestCase {
         XCTAssertEqual(voteRewards(answers: [nil, "A", "B", "B", "A"], denominator: .allVotes).majority, "A")
     }
 
+    // MARK: answer prior
+
+    func testWeightedVotesByHand() {
+        let r = voteRewards(answers: ["A", "A", "A", "B", nil], denominator: .allVotes, weights: ["A": 0.5, "B": 2])
+        // Weighted votes A 3 · 0.5 = 1.5, B 1 · 2 = 2, rescaled to the 4 valid votes: A 12/7, B 16/7, so B is
+        // the majority. Shares of all 5 replies: A 12/35, B 16/35, invalid 0.
+        // The entropy term is the raw votes': p = (3/4, 1/4), H = 0.5623351446188083, H / ln 2 =
+        // 0.8112781244591328, penalty 0.75 · that = 0.6084585933443496.
+        let penalty = 0.6084585933443496
+        assertEqual(r.rewards, [12.0 / 35 - penalty, 12.0 / 35 - penalty, 12.0 / 35 - penalty, 16.0 / 35 - penalty, -penalty])
+        XCTAssertEqual(r.majority, "B")
+        XCTAssertEqual(r.majorityRatio, 0.2)   // B's raw count, 1 of 5
+        XCTAssertEqual(r.entropy, 0.5623351446188083, accuracy: 1e-15)
+        XCTAssertEqual(r.counts, ["A": 3, "B": 1])
+    }
+
+    func testEqualWeightsChangeNothing() {
+        let answers: [String?] = ["A", "B", "A", "C", nil]
+        let plain = voteRewards(answers: answers, denominator: .allVotes)
+        let equal = voteRewards(answers: answers, denominator: .allVotes, weights: ["A": 3, "B": 3, "C": 3])
+        assertEqual(equal.rewards, plain.rewards, accuracy: 1e-15)
+        XCTAssertEqual(equal.majority, plain.majority)
+    }
+
+    private func item(_ id: String, _ options: [String]?) -> Item {
+        Item(id: id, prompt: "", image: nil, answer: nil, options: options, label: nil)
+    }
+
+    func testPriorByHand() {
+        var prior = AnswerPrior()
+        let x1 = item("1", ["cat", "dog", "bird", "fish"]), x2 = item("2", ["dog", "cat", "cow", "pig"])
+        prior.record(.init(item: x1, votes: [VoteCount(answer: "A", count: 3), VoteCount(answer: "B", count: 1)]))
+        prior.record(.init(item: x2, votes: [VoteCount(answer: "A", count: 2), VoteCount(answer: "B", count: 2),
+                                             VoteCount(answer: nil, count: 4)]))
+        // Shares: x1 cat 3/4, dog 1/4; x2 dog 1/2, cat 1/2 (invalid replies cast no vote). With one
+        // pseudo-image giving each of 4 options 1/4: π(cat) = (3/4 + 1/2 + 1/4) / 3 = 1/2,
+        // π(dog) = (1/4 + 1/2 + 1/4) / 3 = 1/3, π(cow) (offered by x2 only) = (0 + 1/4) / 2 = 1/8,
+        // π(horse) (offered by no image) = 1/4.
+        let four = ["cat", "dog", "cow", "horse"]
+        XCTAssertEqual(prior.prior(of: "cat", options: four), 0.5, accuracy: 1e-15)
+        XCTAssertEqual(prior.prior(of: "dog", options: four), 1.0 / 3, accuracy: 1e-15)
+        XCTAssertEqual(prior.prior(of: "cow", options: four), 0.125, accuracy: 1e-15)
+        XCTAssertEqual(prior.prior(of: "horse", options: four), 0.25, accuracy: 1e-15)
+        // An image's latest votes replace its earlier ones: x1 now all "bird", π(cat) = (0 + 1/2 + 1/4) / 3.
+        prior.record(.init(item: x1, votes: [VoteCount(answer: "C", count: 4)]))
+        XCTAssertEqual(prior.prior(of: "cat", options: four), 0.25, accuracy: 1e-15)
+        // No valid vote, no record.
+        prior.record(.init(item: item("3", ["cat", "dog"]), votes: [VoteCount(answer: nil, count: 4)]))
+        XCTAssertEqual(prior.images, 2)
+    }
+
+    func testOpenEndedPriorByHand() {
+        var prior = AnswerPrior()
+        prior.record(.init(item: item("a", nil), votes: [VoteCount(answer: "7", count: 2), VoteCount(answer: "8", count: 2)]))
+        prior.record(.init(item: item("b", nil), votes: [VoteCount(answer: "7", count: 4)]))
+        prior.record(.init(item: item("c", ["7", "8"]), votes: [VoteCount(answer: "B", count: 4)]))
+        // Open-ended images only (two answers seen: the pseudo-image gives each 1/2):
+        // π(7) = (1/2 + 1 + 1/2) / 3 = 2/3, π(8) = (1/2 + 0 + 1/2) / 3 = 1/3.
+        XCTAssertEqual(prior.prior(of: "7", options: nil), 2.0 / 3, accuracy: 1e-15)
+        XCTAssertEqual(prior.prior(of: "8", options: nil), 1.0 / 3, accuracy: 1e-15)
+    }
+
+    func testWeightsNeedSeveralImages() {
+        var prior = AnswerPrior()
+        let options = ["cat", "dog", "bird", "fish"]
+        let votes = [VoteCount(answer: "A", count: 3), VoteCount(answer: "B", count: 1)]
+        // One image voted on twenty times (--one-example) is one image: no weights.
+        for _ in 0..<20 { prior.record(.init(item: item("only", options), votes: votes)) }
+        XCTAssertNil(prior.weights(for: item("only", options), answers: ["A", "B"], power: 1))
+        for i in 1..<(AnswerPrior.minImages - 1) { prior.record(.init(item: item("\(i)", options), votes: votes)) }
+        XCTAssertEqual(prior.images, AnswerPrior.minImages - 1)
+        XCTAssertNil(prior.weights(for: item("only", options), answers: ["A", "B"], power: 1))
+        prior.record(.init(item: item("last", options), votes: votes))
+        // Every image: cat 3/4, dog 1/4; π(cat) = (8 · 3/4 + 1/4) / 9 = 0.69444…, π(dog) = (8 · 1/4 + 1/4) / 9 = 1/4.
+        let w = prior.weights(for: item("x", options), answers: ["A", "B", nil, "A"], power: 1)
+        XCTAssertEqual(w?.count, 2)
+        XCTAssertEqual(w?["A"] ?? 0, 9 / 6.25, accuracy: 1e-12)
+        XCTAssertEqual(w?["B"] ?? 0, 4, accuracy: 1e-12)
+        XCTAssertEqual(prior.weights(for: item("x", options), answers: ["A"], power: 0.5)?["A"] ?? 0,
+                       (9 / 6.25).squareRoot(), accuracy: 1e-12)
+        XCTAssertNil(prior.weights(for: item("x", options), answers: ["A"], power: 0))
+    }
+
+    func testBalancedMajorityByHand() {
+        // Eight images with options x, y, z, w: six vote A (x) 3 : B (y) 2 and are y; two vote A 5 : 0 and are x.
+        // π(x) = (6 · 3/5 + 2 · 1 + 1/4) / 9 = 0.65, π(y) = (6 · 2/5 + 0 + 1/4) / 9 = 0.29444…: on the six,
+        // x weighs 3 / 0.65 = 4.6 against y's 2 / 0.2944 = 6.8, so the balanced majority is y. Plain majority:
+        // 2 of 8 right; balanced: 8 of 8.
+        let options = ["x", "y", "z", "w"]
+        var items: [Item] = [], preds: [ItemPrediction] = []
+        for i in 0..<8 {
+            let answer = i < 6 ? "B" : "A"
+            items.append(Item(id: "\(i)", prompt: "", image: nil, answer: answer, options: options, label: nil))
+            let votes = i < 6 ? [VoteCount(answer: "A", count: 3), VoteCount(answer: "B", count: 2)]
+                : [VoteCount(answer: "A", count: 5)]
+            preds.append(ItemPrediction(id: "\(i)", answer: answer, response: "", prediction: nil, correct: false,
+                                        votes: votes))
+        }
+        XCTAssertEqual(balancedMajority(items, preds), 8)
+        // Seven images are too few for a prior: the plain majority, right on the last two only.
+        XCTAssertEqual(balancedMajority(Array(items.suffix(7)), Array(preds.suffix(7))), 2)
+    }
+
     // MARK: GRPO advantages
 
     func testGroupAdvantagesByHand() {
