@@ -71,9 +71,10 @@ extension Adapter {
         let samples = batch.indices.map { Array(completions[($0 * options.votes)..<(($0 + 1) * options.votes)]) }
         let answers = zip(batch, samples).map { item, s in s.map { answerOf($0, item: item, style: options.answerStyle) } }
         try recordVotes(zip(batch, answers).map { .init(item: $0, votes: VoteCount.histogram($1)) })
+        let prior = answerPrior.table()
         return batch.enumerated().map { i, item in
             let samples = samples[i], answers = answers[i]
-            let weights = answerPrior.weights(for: item, answers: answers, power: options.answerBalance)
+            let weights = prior.weights(for: item, answers: answers, power: options.answerBalance)
             let vote = voteRewards(answers: answers, entropyCoef: options.entropyCoef, kind: options.reward,
                                    denominator: .allVotes, weights: weights)
             let invalid = samples.filter { extractAnswer($0.text, mode: item.answerMode) == nil }.count

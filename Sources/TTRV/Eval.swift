@@ -201,11 +201,12 @@ public enum Evaluator {
 func balancedMajority(_ items: [Item], _ preds: [ItemPrediction]) -> Double {
     var prior = AnswerPrior()
     for (item, p) in zip(items, preds) { prior.record(.init(item: item, votes: p.votes ?? [])) }
+    let table = prior.table()
     return zip(items, preds).reduce(0.0) { sum, pair in
         let (item, p) = pair
         let answers = (p.votes ?? []).flatMap { Array(repeating: $0.answer, count: $0.count) }
         let vote = voteRewards(answers: answers, entropyCoef: 0, denominator: .allVotes,
-                               weights: prior.weights(for: item, answers: answers, power: 1))
+                               weights: table.weights(for: item, answers: answers, power: 1))
         return sum + (isCorrect(vote.majority, item) ? 1 : 0)
     }
 }

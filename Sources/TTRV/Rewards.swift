@@ -148,29 +148,61 @@ public struct AnswerPrior: Sendable {
         latest[o.item] = (o.options, shares)
     }
 
-    /// π of one answer content for an image with these options (nil: open-ended).
-    public func prior(of content: String, options: [String]?) -> Double {
-        var sum = 0.0, count = 0.0
-        var openAnswers = Set<String>()
+    /// π for every answer, summed once over the images in a fixed order (so that every process, and a resumed
+    /// run, get the same bits).
+    public func table() -> Table {
+        var t = Table(images: latest.count)
         for key in latest.keys.sorted() {
             let e = latest[key]!
-            if options == nil, e.offered == nil { openAnswers.formUnion(e.shares.keys) }
-            guard options == nil ? e.offered == nil : e.offered?.contains(content) == true else { continue }
-            sum += e.shares[content] ?? 0
-            count += 1
+            guard let offered = e.offered else {
+                t.openImages += 1
+                for (c, share) in e.shares { t.open[c, default: 0] += share }
+                continue
+            }
+            for c in Set(offered) {
+                t.offered[c, default: (0, 0)].sum += e.shares[c] ?? 0
+                t.offered[c, default: (0, 0)].images += 1
+            }
         }
-        let uniform = 1 / Double(max(1, options?.count ?? openAnswers.count))
-        return (sum + uniform) / (count + 1)
+        return t
     }
 
-    /// Vote weights for `item`'s answers (as voted), nil while too few images have voted or `power` is 0.
+    /// Shorthand for `table().weights(…)`; take the table once when weighing many items.
     public func weights(for item: Item, answers: [String?], power: Double) -> [String: Double]? {
-        guard power > 0, images >= Self.minImages else { return nil }
-        var w: [String: Double] = [:]
-        for case let a? in answers where w[a] == nil {
-            w[a] = pow(prior(of: answerContent(a, options: item.options), options: item.options), -power)
+        table().weights(for: item, answers: answers, power: power)
+    }
+
+    /// Shorthand for `table().prior(…)`.
+    public func prior(of content: String, options: [String]?) -> Double {
+        table().prior(of: content, options: options)
+    }
+
+    public struct Table: Sendable {
+        public let images: Int
+        var offered: [String: (sum: Double, images: Double)] = [:]
+        var open: [String: Double] = [:]
+        var openImages = 0.0
+
+        init(images: Int) { self.images = images }
+
+        /// π of one answer content for an image with these options (nil: open-ended).
+        public func prior(of content: String, options: [String]?) -> Double {
+            guard let options else {
+                return ((open[content] ?? 0) + 1 / Double(max(1, open.count))) / (openImages + 1)
+            }
+            let seen = offered[content] ?? (0, 0)
+            return (seen.sum + 1 / Double(max(1, options.count))) / (seen.images + 1)
         }
-        return w
+
+        /// Vote weights for `item`'s answers (as voted), nil while too few images have voted or `power` is 0.
+        public func weights(for item: Item, answers: [String?], power: Double) -> [String: Double]? {
+            guard power > 0, images >= AnswerPrior.minImages else { return nil }
+            var w: [String: Double] = [:]
+            for case let a? in answers where w[a] == nil {
+                w[a] = pow(prior(of: answerContent(a, options: item.options), options: item.options), -power)
+            }
+            return w
+        }
     }
 }
 
