@@ -91,11 +91,8 @@ extension Adapter {
         if distributed.worldSize > 1 {
             let gathered = try distributed.allgather(bytes: Array(try JSONEncoder().encode(mine)))
             let perRank = try gathered.map { try JSONDecoder().decode([AnswerPrior.Observation].self, from: Data($0)) }
-            // Rank r holds prompts r, r + worldSize, ...: interleave them back into prompt order.
-            all = (0..<perRank.map(\.count).reduce(0, +)).compactMap { k in
-                let rank = k % perRank.count, index = k / perRank.count
-                return index < perRank[rank].count ? perRank[rank][index] : nil
-            }
+            // Rank r holds prompts r, r + worldSize, ...: as evaluation's batches, with batches of one prompt.
+            all = try interleaveBatches(perRank, sizes: Array(repeating: 1, count: perRank.map(\.count).reduce(0, +)))
         }
         for o in all { answerPrior.record(o) }
     }

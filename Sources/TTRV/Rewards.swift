@@ -167,16 +167,6 @@ public struct AnswerPrior: Sendable {
         return t
     }
 
-    /// Shorthand for `table().weights(…)`; take the table once when weighing many items.
-    public func weights(for item: Item, answers: [String?], power: Double) -> [String: Double]? {
-        table().weights(for: item, answers: answers, power: power)
-    }
-
-    /// Shorthand for `table().prior(…)`.
-    public func prior(of content: String, options: [String]?) -> Double {
-        table().prior(of: content, options: options)
-    }
-
     public struct Table: Sendable {
         public let images: Int
         var offered: [String: (sum: Double, images: Double)] = [:]

@@ -136,13 +136,13 @@ final class RewardTests: XCTestCase {
         // π(dog) = (1/4 + 1/2 + 1/4) / 3 = 1/3, π(cow) (offered by x2 only) = (0 + 1/4) / 2 = 1/8,
         // π(horse) (offered by no image) = 1/4.
         let four = ["cat", "dog", "cow", "horse"]
-        XCTAssertEqual(prior.prior(of: "cat", options: four), 0.5, accuracy: 1e-15)
-        XCTAssertEqual(prior.prior(of: "dog", options: four), 1.0 / 3, accuracy: 1e-15)
-        XCTAssertEqual(prior.prior(of: "cow", options: four), 0.125, accuracy: 1e-15)
-        XCTAssertEqual(prior.prior(of: "horse", options: four), 0.25, accuracy: 1e-15)
+        XCTAssertEqual(prior.table().prior(of: "cat", options: four), 0.5, accuracy: 1e-15)
+        XCTAssertEqual(prior.table().prior(of: "dog", options: four), 1.0 / 3, accuracy: 1e-15)
+        XCTAssertEqual(prior.table().prior(of: "cow", options: four), 0.125, accuracy: 1e-15)
+        XCTAssertEqual(prior.table().prior(of: "horse", options: four), 0.25, accuracy: 1e-15)
         // An image's latest votes replace its earlier ones: x1 now all "bird", π(cat) = (0 + 1/2 + 1/4) / 3.
         prior.record(.init(item: x1, votes: [VoteCount(answer: "C", count: 4)]))
-        XCTAssertEqual(prior.prior(of: "cat", options: four), 0.25, accuracy: 1e-15)
+        XCTAssertEqual(prior.table().prior(of: "cat", options: four), 0.25, accuracy: 1e-15)
         // No valid vote, no record.
         prior.record(.init(item: item("3", ["cat", "dog"]), votes: [VoteCount(answer: nil, count: 4)]))
         XCTAssertEqual(prior.images, 2)
@@ -155,8 +155,8 @@ final class RewardTests: XCTestCase {
         prior.record(.init(item: item("c", ["7", "8"]), votes: [VoteCount(answer: "B", count: 4)]))
         // Open-ended images only (two answers seen: the pseudo-image gives each 1/2):
         // π(7) = (1/2 + 1 + 1/2) / 3 = 2/3, π(8) = (1/2 + 0 + 1/2) / 3 = 1/3.
-        XCTAssertEqual(prior.prior(of: "7", options: nil), 2.0 / 3, accuracy: 1e-15)
-        XCTAssertEqual(prior.prior(of: "8", options: nil), 1.0 / 3, accuracy: 1e-15)
+        XCTAssertEqual(prior.table().prior(of: "7", options: nil), 2.0 / 3, accuracy: 1e-15)
+        XCTAssertEqual(prior.table().prior(of: "8", options: nil), 1.0 / 3, accuracy: 1e-15)
     }
 
     func testWeightsNeedSeveralImages() {
@@ -165,19 +165,19 @@ final class RewardTests: XCTestCase {
         let votes = [VoteCount(answer: "A", count: 3), VoteCount(answer: "B", count: 1)]
         // One image voted on twenty times (--one-example) is one image: no weights.
         for _ in 0..<20 { prior.record(.init(item: item("only", options), votes: votes)) }
-        XCTAssertNil(prior.weights(for: item("only", options), answers: ["A", "B"], power: 1))
+        XCTAssertNil(prior.table().weights(for: item("only", options), answers: ["A", "B"], power: 1))
         for i in 1..<(AnswerPrior.minImages - 1) { prior.record(.init(item: item("\(i)", options), votes: votes)) }
         XCTAssertEqual(prior.images, AnswerPrior.minImages - 1)
-        XCTAssertNil(prior.weights(for: item("only", options), answers: ["A", "B"], power: 1))
+        XCTAssertNil(prior.table().weights(for: item("only", options), answers: ["A", "B"], power: 1))
         prior.record(.init(item: item("last", options), votes: votes))
         // Every image: cat 3/4, dog 1/4; π(cat) = (8 · 3/4 + 1/4) / 9 = 0.69444…, π(dog) = (8 · 1/4 + 1/4) / 9 = 1/4.
-        let w = prior.weights(for: item("x", options), answers: ["A", "B", nil, "A"], power: 1)
+        let w = prior.table().weights(for: item("x", options), answers: ["A", "B", nil, "A"], power: 1)
         XCTAssertEqual(w?.count, 2)
         XCTAssertEqual(w?["A"] ?? 0, 9 / 6.25, accuracy: 1e-12)
         XCTAssertEqual(w?["B"] ?? 0, 4, accuracy: 1e-12)
-        XCTAssertEqual(prior.weights(for: item("x", options), answers: ["A"], power: 0.5)?["A"] ?? 0,
+        XCTAssertEqual(prior.table().weights(for: item("x", options), answers: ["A"], power: 0.5)?["A"] ?? 0,
                        (9 / 6.25).squareRoot(), accuracy: 1e-12)
-        XCTAssertNil(prior.weights(for: item("x", options), answers: ["A"], power: 0))
+        XCTAssertNil(prior.table().weights(for: item("x", options), answers: ["A"], power: 0))
     }
 
     func testBalancedMajorityByHand() {
